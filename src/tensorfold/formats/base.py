@@ -1,0 +1,349 @@
+"""The interface every factorized format implements, and the name registry.
+
+A format is an ``nn.Module`` holding the factors of a tensor of shape
+``layer_shape + out_modes + in_modes`` as parameters, plus the einsum labels that
+say how they contract. Everything generic (layer selection, reconstruction, the
+forward network, rank parsing) lives here; a format only knows its parameter
+shapes, its labels, its rank rules, its init scale and its decomposition.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
+from ..plan import BATCH_LABEL, Network, contraction_plan
+from ..shapes import check_modes
+
+__all__ = ["FactorizedTensor", "register", "get_format", "FORMATS"]
+
+Modes = tuple[int, ...]
+RankSpec = Any  # 'same' | float | int | Sequence[int]
+
+FORMATS: dict[str, type[FactorizedTensor]] = {}
+_ALIASES: dict[str, str] = {}
+_LETTERS = [c for c in string.ascii_letters if c != BATCH_LABEL]
+
+
+def register(cls: type[FactorizedTensor]) -> type[FactorizedTensor]:
+    """Class decorator: make a format reachable by its name and aliases."""
+    FORMATS[cls.name] = cls
+    for alias in (cls.name, *cls.aliases):
+        _ALIASES[alias] = cls.name
+    return cls
+
+
+def get_format(name: object) -> type[FactorizedTensor]:
+    """Look a format up by name or alias, case-insensitively.
+
+    Example:
+        >>> get_format("TT-Matrix").name
+        'ttm'
+    """
+    key = name.lower() if isinstance(name, str) else None
+    if key not in _ALIASES:
+        valid = ", ".join(repr(a) for a in _ALIASES)
+        raise FactorizationError(f"factorization={name!r} is not one of {valid}")
+    return FORMATS[_ALIASES[key]]
+
+
+class FactorizedTensor(nn.Module):
+    """A tensor of shape ``layer_shape + out_modes + in_modes`` kept as factors.
+
+    Args:
+        out_modes: tensorized output shape.
+        in_modes: tensorized input shape.
+        rank: ``'same'``, a float fraction of the dense parameter count, an int or a
+            per-format tuple (see each format). Resolved once into ``self.rank``.
+        layer_shape: leading layer modes (``()`` for a single layer).
+        device, dtype: factory arguments for the factors.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    decomposition_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        out_modes: Sequence[int],
+        in_modes: Sequence[int],
+        rank: RankSpec = "same",
+        layer_shape: Sequence[int] = (),
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        out_modes = check_modes(out_modes, "out_tensorized_features")
+        in_modes = check_modes(in_modes, "in_tensorized_features")
+        layer_shape = check_modes(layer_shape, "n_layers") if len(layer_shape) else ()
+        n_modes = len(layer_shape) + len(out_modes) + len(in_modes)
+        if 2 * n_modes + 2 > len(_LETTERS):
+            raise ShapeError(
+                f"{n_modes} modes in all (layers, out, in) is more than the {len(_LETTERS) // 2 - 1} supported"
+            )
+        resolved = type(self).resolve_rank(rank, out_modes, in_modes, layer_shape)
+        super().__init__()
+        self.out_modes: Modes = out_modes
+        self.in_modes: Modes = in_modes
+        self.layer_shape: Modes = layer_shape
+        self.rank = resolved
+        shapes = type(self).parameter_shapes(resolved, out_modes, in_modes, layer_shape)
+        self.factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in shapes]
+        )
+        letters = iter(_LETTERS)
+        self._layer_letters = "".join(next(letters) for _ in layer_shape)
+        out_letters = "".join(next(letters) for _ in out_modes)
+        in_letters = "".join(next(letters) for _ in in_modes)
+        self._subscripts = type(self).subscripts(self._layer_letters, out_letters, in_letters, letters)
+        strip = str.maketrans("", "", self._layer_letters)
+        self.network = Network(
+            tuple(s.translate(strip) for s in self._subscripts), out_letters, in_letters
+        )
+        # Per factor, the axes that index a layer, as (axis, layer mode) in descending axis order.
+        self._layer_axes = [
+            sorted(((s.index(c), k) for k, c in enumerate(self._layer_letters) if c in s), reverse=True)
+            for s in self._subscripts
+        ]
+        self.reset_parameters()
+
+    # ---- what each format provides -------------------------------------------------
+    @classmethod
+    def parameter_shapes(
+        cls, rank: Any, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> list[tuple[int, ...]]:
+        """Shapes of the factors for a resolved rank."""
+        raise NotImplementedError
+
+    @classmethod
+    def subscripts(
+        cls, layer: str, out: str, inp: str, fresh: Iterator[str]
+    ) -> tuple[str, ...]:
+        """Einsum labels of each factor, given the mode letters and a source of new letters."""
+        raise NotImplementedError
+
+    @classmethod
+    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def _rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def _rank_for_budget(
+        cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> Any:
+        raise NotImplementedError
+
+    def init_stds(self, target_std: float) -> list[float | None]:
+        """Std of each factor's normal init so the rebuilt tensor has ``target_std``.
+
+        ``None`` means "initialise to ones" (CP's weights).
+        """
+        raise NotImplementedError
+
+    def fit_(self, tensor: Tensor, **options: Any) -> float:
+        """Decompose ``tensor`` (``layer_shape + out_modes + in_modes``) into the factors, in place.
+
+        Returns the relative error of the fit.
+        """
+        raise NotImplementedError
+
+    # ---- generic machinery ---------------------------------------------------------
+    @classmethod
+    def network_for(cls, n_out: int, n_in: int) -> Network:
+        """The single-layer network for ``n_out`` output and ``n_in`` input modes."""
+        letters = iter(_LETTERS)
+        out = "".join(next(letters) for _ in range(n_out))
+        inp = "".join(next(letters) for _ in range(n_in))
+        return Network(cls.subscripts("", out, inp, letters), out, inp)
+
+    @classmethod
+    def count_parameters(
+        cls, rank: Any, out_modes: Sequence[int], in_modes: Sequence[int], layer_shape: Sequence[int] = ()
+    ) -> int:
+        """Number of scalars in the factors for a *resolved* rank."""
+        shapes = cls.parameter_shapes(rank, tuple(out_modes), tuple(in_modes), tuple(layer_shape))
+        return sum(math.prod(s) for s in shapes)
+
+    @classmethod
+    def resolve_rank(
+        cls,
+        rank: RankSpec,
+        out_modes: Sequence[int],
+        in_modes: Sequence[int],
+        layer_shape: Sequence[int] = (),
+    ) -> Any:
+        """Turn a rank specification into this format's resolved rank.
+
+        ``'same'`` keeps the dense parameter count; a float ``f > 0`` targets ``f`` times
+        the dense count (``n_layers * in_features * out_features``); an int or a tuple
+        is checked against the format's rules.
+        """
+        out_modes, in_modes, layer_shape = tuple(out_modes), tuple(in_modes), tuple(layer_shape)
+        if isinstance(rank, str):
+            if rank.lower() != "same":
+                raise RankError(f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints")
+            rank = 1.0
+        if isinstance(rank, bool):
+            raise RankError(f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints")
+        if isinstance(rank, float):
+            if not math.isfinite(rank) or rank <= 0:
+                raise RankError(f"rank={rank!r}: a fractional rank must be a finite float > 0")
+            dense = math.prod(layer_shape) * math.prod(out_modes) * math.prod(in_modes)
+            return cls._rank_for_budget(max(1, int(rank * dense)), out_modes, in_modes, layer_shape)
+        if isinstance(rank, int):
+            if rank < 1:
+                raise RankError(f"rank={rank!r} must be >= 1")
+            return cls._rank_from_int(rank, out_modes, in_modes, layer_shape)
+        if isinstance(rank, (tuple, list)):
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in rank):
+                raise RankError(f"rank={rank!r} must hold only ints")
+            if any(r < 1 for r in rank):
+                raise RankError(f"rank={tuple(rank)!r} must hold ints >= 1")
+            return cls._rank_from_sequence(tuple(rank), out_modes, in_modes, layer_shape)
+        raise RankError(
+            f"rank={rank!r} of type {type(rank).__name__} must be 'same', a float > 0, an int >= 1 or a tuple of ints"
+        )
+
+    @property
+    def all_modes(self) -> Modes:
+        return self.layer_shape + self.out_modes + self.in_modes
+
+    @property
+    def n_layers(self) -> int:
+        return math.prod(self.layer_shape)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.factors)
+
+    def reset_parameters(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """Re-draw the factors so the rebuilt tensor has std ``std``.
+
+        Defaults to ``nn.Linear``'s scale, ``1 / sqrt(3 * in_features)``.
+        """
+        if std is None:
+            std = 1.0 / math.sqrt(3 * math.prod(self.in_modes))
+        with torch.no_grad():
+            for factor, factor_std in zip(self.factors, self.init_stds(std)):
+                if factor_std is None:
+                    factor.fill_(1.0)
+                else:
+                    factor.normal_(0.0, factor_std, generator=generator)
+
+    def layer_factors(self, indices: tuple[int, ...] = ()) -> list[Tensor]:
+        """The factors of one layer (layer modes indexed away), differentiable."""
+        if len(indices) != len(self.layer_shape):
+            raise LayerIndexError(
+                f"indices={indices!r} must have {len(self.layer_shape)} entries for layer shape {self.layer_shape}"
+            )
+        if not self.layer_shape:
+            return list(self.factors)
+        picked = []
+        for factor, axes in zip(self.factors, self._layer_axes):
+            for axis, mode in axes:
+                factor = factor.select(axis, indices[mode])
+            picked.append(factor)
+        return picked
+
+    def to_tensor(self) -> Tensor:
+        """The full tensor ``layer_shape + out_modes + in_modes``."""
+        equation = ",".join(self._subscripts) + "->" + self._layer_letters + self.network.out_labels + self.network.in_labels
+        shapes = tuple(tuple(f.shape) for f in self.factors)
+        numel = math.prod(self.all_modes)
+        return contraction_plan(equation, shapes, max(numel, *(math.prod(s) for s in shapes)))(*self.factors)
+
+    def to_matrix(self, indices: tuple[int, ...] = ()) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight of one layer."""
+        from ..functional import reconstruct_weight  # functional is below formats
+
+        return reconstruct_weight(self.layer_factors(indices), self.network)
+
+    def _copy_factors_(self, values: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            for factor, value in zip(self.factors, values, strict=True):
+                factor.copy_(value.reshape(factor.shape))
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.decomposition_options))
+        if unknown:
+            raise FactorizationError(
+                f"decomposition_kwargs {unknown} are not accepted by '{self.name}'; "
+                f"allowed: {list(self.decomposition_options)}"
+            )
+
+    def _check_dense(self, tensor: Tensor) -> Tensor:
+        if tuple(tensor.shape) != self.all_modes:
+            raise ShapeError(f"tensor of shape {tuple(tensor.shape)} cannot be fitted to modes {self.all_modes}")
+        return tensor.detach().to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+
+    def extra_repr(self) -> str:
+        layers = f", layer_shape={self.layer_shape}" if self.layer_shape else ""
+        return f"out_modes={self.out_modes}, in_modes={self.in_modes}{layers}, rank={self.rank}"
+
+
+def fill_budget(
+    ranks: list[int], caps: Sequence[int], count: Callable[[list[int]], int], budget: int, order: Sequence[int]
+) -> list[int]:
+    """Raise ranks while the count fits ``budget``: greedy single steps (in ``order``, one
+    per pass, so ranks stay balanced), then moves of one step from one rank to another
+    where that gets closer to the budget (products of ranks jump in coarse steps)."""
+    for _ in range(4 * sum(caps) + 1):  # every round raises the count, so this bound is loose
+        grew = True
+        while grew:
+            grew = False
+            for k in order:
+                if ranks[k] < caps[k]:
+                    ranks[k] += 1
+                    if count(ranks) <= budget:
+                        grew = True
+                    else:
+                        ranks[k] -= 1
+        current, best = count(ranks), None
+        for k in range(len(ranks)):
+            for j in range(len(ranks)):
+                if k == j or ranks[k] == 1 or ranks[j] == caps[j]:
+                    continue
+                trial = list(ranks)
+                trial[k] -= 1
+                trial[j] += 1
+                n = count(trial)
+                if current < n <= budget and (best is None or n > best[0]):
+                    best = (n, trial)
+        if best is None:
+            break
+        ranks = best[1]
+    return ranks
+
+
+def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """Largest ``v`` in ``[lo, hi]`` with ``fits(v)`` (monotone), or ``lo`` if none fits."""
+    if not fits(lo):
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def bond_caps(dims: Sequence[int]) -> list[int]:
+    """Largest useful TT bond rank between each pair of neighbouring modes."""
+    return [min(math.prod(dims[: k + 1]), math.prod(dims[k + 1 :])) for k in range(len(dims) - 1)]
+
+
+def center_out(n: int) -> list[int]:
+    """Indices ``0..n-1`` ordered from the middle outwards (middle bonds carry the most)."""
+    mid = (n - 1) / 2
+    return sorted(range(n), key=lambda k: (abs(k - mid), k))

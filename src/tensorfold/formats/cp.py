@@ -1,0 +1,72 @@
+"""CP (canonical polyadic): ``T = sum_r w_r a1_r o a2_r o ... o aN_r``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import RankError
+from .base import FactorizedTensor, Modes, register
+
+
+@register
+class CPTensor(FactorizedTensor):
+    """CP format. Parameters: ``weights (R,)`` then one factor ``(d_k, R)`` per mode
+    (layer modes first, then out modes, then in modes). ``rank`` is the int ``R``."""
+
+    name = "cp"
+    aliases = ("parafac", "candecomp")
+    decomposition_options = ("n_iter_max", "tol", "init", "generator")
+
+    @classmethod
+    def parameter_shapes(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+        return [(rank,)] + [(d, rank) for d in layer_shape + out_modes + in_modes]
+
+    @classmethod
+    def subscripts(cls, layer: str, out: str, inp: str, fresh: Iterator[str]) -> tuple[str, ...]:
+        r = next(fresh)
+        return (r, *(m + r for m in layer + out + inp))
+
+    @classmethod
+    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+        return rank
+
+    @classmethod
+    def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+        if len(rank) != 1:
+            raise RankError(f"rank={rank!r}: CP takes a single int rank, got {len(rank)} values")
+        return rank[0]
+
+    @classmethod
+    def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+        per_rank = 1 + sum(layer_shape + out_modes + in_modes)
+        return max(1, budget // per_rank)
+
+    def init_stds(self, target_std: float) -> list[float | None]:
+        # Var(T) = R * prod_k var(a_k) with unit weights: share the scale equally.
+        n = len(self.all_modes)
+        std = (target_std**2 / self.rank) ** (1.0 / (2 * n))
+        return [None] + [std] * n
+
+    def fit_(self, tensor: Tensor, **options: Any) -> float:
+        from ..decompose import cp_als
+
+        self._check_options(options)
+        weights, factors, error = cp_als(self._check_dense(tensor), self.rank, **options)
+        self._copy_factors_(_balance_cp(weights, factors))
+        return error
+
+
+def _balance_cp(weights: Tensor, factors: list[Tensor]) -> list[Tensor]:
+    """Spread each component's scale evenly over its factors (keeps weights at 1).
+
+    Equal column norms keep gradients of all factors on one scale when training goes on.
+    """
+    scale = weights.abs() ** (1.0 / len(factors))
+    sign = weights.sign()
+    sign[sign == 0] = 1
+    balanced = [f * scale for f in factors]
+    balanced[0] = balanced[0] * sign
+    return [weights.new_ones(weights.shape), *balanced]

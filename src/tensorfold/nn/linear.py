@@ -1,0 +1,305 @@
+"""``FactorizedLinear``: a drop-in for ``nn.Linear`` whose weight is kept factorized."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import LayerIndexError, ShapeError
+from ..formats import FactorizedTensor, get_format
+from ..functional import check_implementation, factorized_linear
+from ..shapes import check_modes, tensorized_shape
+
+__all__ = ["FactorizedLinear", "SubFactorizedLinear"]
+
+LayerIndex = int | tuple[int, ...]
+
+
+def _layer_shape(n_layers: object) -> tuple[int, ...]:
+    if isinstance(n_layers, int) and not isinstance(n_layers, bool):
+        if n_layers < 1:
+            raise ShapeError(f"n_layers={n_layers!r} must be >= 1")
+        return () if n_layers == 1 else (n_layers,)
+    if isinstance(n_layers, (tuple, list)):
+        return check_modes(tuple(n_layers), "n_layers")
+    raise ShapeError(f"n_layers={n_layers!r} must be a positive int or a tuple of positive ints")
+
+
+def _check_features(modes: tuple[int, ...], features: int | None, name: str, side: str) -> None:
+    if features is not None and math.prod(modes) != features:
+        raise ShapeError(
+            f"{name}={modes} multiply to {math.prod(modes)}, but the linear layer has {side}={features}"
+        )
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer ``y = x W^T + b`` whose weight is a factorized tensor.
+
+    ``W`` (``out_features x in_features``) is viewed in C order as the tensor
+    ``out_tensorized_features + in_tensorized_features`` and kept in the format
+    ``factorization``; several same-shape layers can share one tensor (``n_layers``).
+
+    Args:
+        in_tensorized_features: modes whose product is ``in_features``.
+        out_tensorized_features: modes whose product is ``out_features``.
+        bias: add a learnable bias (one per layer).
+        factorization: ``'cp'``, ``'tucker'``, ``'tt'`` or ``'ttm'`` (aliases
+            ``'blocktt'``, ``'tt-matrix'``, ``'mpo'``), case-insensitive.
+        rank: ``'same'`` (dense parameter count), a float fraction of it, an int or a
+            per-format tuple; the resolved rank is ``self.rank``.
+        implementation: ``'factorized'``, ``'reconstructed'`` or ``'auto'``.
+        n_layers: int or tuple; leading layer modes of the shared tensor.
+        checkpointing: recompute the forward in backward (non-reentrant) to save memory.
+        device, dtype: factory arguments.
+
+    Shape:
+        ``(*, in_features) -> (*, out_features)``.
+
+    Example:
+        >>> layer = FactorizedLinear((4, 4), (2, 8), factorization="tt", rank=0.5)
+        >>> layer(torch.randn(3, 16)).shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self,
+        in_tensorized_features: Sequence[int],
+        out_tensorized_features: Sequence[int],
+        bias: bool = True,
+        factorization: str = "cp",
+        rank: Any = "same",
+        implementation: str = "factorized",
+        n_layers: int | Sequence[int] = 1,
+        checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        in_modes = check_modes(in_tensorized_features, "in_tensorized_features")
+        out_modes = check_modes(out_tensorized_features, "out_tensorized_features")
+        fmt = get_format(factorization)
+        implementation = check_implementation(implementation)
+        layer_shape = _layer_shape(n_layers)
+        super().__init__()
+        self.in_tensorized_features = in_modes
+        self.out_tensorized_features = out_modes
+        self.in_features = math.prod(in_modes)
+        self.out_features = math.prod(out_modes)
+        self.layer_shape = layer_shape
+        self.n_layers = n_layers if isinstance(n_layers, int) else layer_shape
+        self.implementation = implementation
+        self.checkpointing = bool(checkpointing)
+        self.weight: FactorizedTensor = fmt(out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(*layer_shape, self.out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ---- attributes -------------------------------------------------------------------
+    @property
+    def factorization(self) -> str:
+        return self.weight.name
+
+    @property
+    def rank(self) -> Any:
+        return self.weight.rank
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s scale: rebuilt ``W`` has std ``1/sqrt(3 in)``; bias ``U(±1/sqrt(in))``."""
+        self.weight.reset_parameters(1.0 / math.sqrt(3 * self.in_features))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ---- forward ----------------------------------------------------------------------
+    def _indices(self, indices: LayerIndex) -> tuple[int, ...]:
+        if not self.layer_shape:
+            if indices in (0, ()):
+                return ()
+            raise LayerIndexError(f"indices={indices!r} given to a single layer (n_layers=1); use 0")
+        idx = (indices,) if isinstance(indices, int) and not isinstance(indices, bool) else indices
+        if (
+            not isinstance(idx, tuple)
+            or len(idx) != len(self.layer_shape)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+        ):
+            raise LayerIndexError(
+                f"indices={indices!r} must be {len(self.layer_shape)} int(s) for n_layers={self.n_layers}"
+            )
+        for i, n in zip(idx, self.layer_shape):
+            if not 0 <= i < n:
+                raise LayerIndexError(f"indices={indices!r} out of range for n_layers={self.n_layers}")
+        return idx
+
+    def forward(self, x: Tensor, indices: LayerIndex = 0) -> Tensor:
+        idx = self._indices(indices)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            width = x.shape[-1] if x.ndim else "a scalar"
+            raise ShapeError(f"input has last dimension {width}, but the layer has in_features={self.in_features}")
+        bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, idx, bias, use_reentrant=False)
+        return self._forward(x, idx, bias)
+
+    def _forward(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor:
+        factors = self.weight.layer_factors(idx)
+        return factorized_linear(x, factors, self.weight.network, bias, self.implementation)
+
+    # ---- layers of a joint tensor -----------------------------------------------------
+    def get_linear(self, indices: LayerIndex) -> SubFactorizedLinear:
+        """A module computing layer ``indices`` alone, sharing this layer's parameters."""
+        return SubFactorizedLinear(self, self._indices(indices))
+
+    def __getitem__(self, indices: LayerIndex) -> SubFactorizedLinear:
+        return self.get_linear(indices)
+
+    def __len__(self) -> int:
+        return self.layer_shape[0] if self.layer_shape else 1
+
+    def to_linear(self, indices: LayerIndex = 0) -> nn.Linear:
+        """An equivalent dense ``nn.Linear`` (weights copied, not shared)."""
+        idx = self._indices(indices)
+        weight = self.weight.to_matrix(idx).detach()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias[idx] if idx else self.bias)
+        return linear
+
+    # ---- construction from dense layers -----------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: Any = "same",
+        auto_tensorize: bool = True,
+        n_tensorized_modes: int = 3,
+        in_tensorized_features: Sequence[int] | None = None,
+        out_tensorized_features: Sequence[int] | None = None,
+        bias: bool = True,
+        factorization: str = "cp",
+        implementation: str = "reconstructed",
+        checkpointing: bool = False,
+        decomposition_kwargs: dict[str, Any] | None = None,
+        verbose: bool = False,
+    ) -> FactorizedLinear:
+        """Decompose a dense layer's weight into a new factorized layer.
+
+        The decomposition runs in float32 (float64 for float64 sources); the layer has
+        the source's dtype and device. The bias is copied, never shared.
+
+        Example:
+            >>> dense = nn.Linear(64, 32)
+            >>> layer = FactorizedLinear.from_linear(dense, rank=1.0, factorization="tucker")
+            >>> torch.allclose(layer(torch.ones(64)), dense(torch.ones(64)), atol=1e-4)
+            True
+        """
+        return cls.from_linear_list(
+            [linear], *cls._modes_for(linear, auto_tensorize, n_tensorized_modes,
+                                      in_tensorized_features, out_tensorized_features),
+            rank=rank, bias=bias, factorization=factorization, implementation=implementation,
+            checkpointing=checkpointing, decomposition_kwargs=decomposition_kwargs, verbose=verbose,
+        )
+
+    @staticmethod
+    def _modes_for(
+        linear: nn.Linear,
+        auto_tensorize: bool,
+        order: int,
+        in_modes: Sequence[int] | None,
+        out_modes: Sequence[int] | None,
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_features, in_features = linear.weight.shape
+        if in_modes is None or out_modes is None:
+            if not auto_tensorize:
+                raise ShapeError(
+                    "in_tensorized_features and out_tensorized_features are required when auto_tensorize=False"
+                )
+            auto_in, auto_out = tensorized_shape(in_features, out_features, order)
+            in_modes = auto_in if in_modes is None else in_modes
+            out_modes = auto_out if out_modes is None else out_modes
+        return check_modes(in_modes, "in_tensorized_features"), check_modes(out_modes, "out_tensorized_features")
+
+    @classmethod
+    def from_linear_list(
+        cls,
+        linear_list: Sequence[nn.Linear],
+        in_tensorized_features: Sequence[int],
+        out_tensorized_features: Sequence[int],
+        rank: Any,
+        bias: bool = True,
+        factorization: str = "cp",
+        implementation: str = "reconstructed",
+        checkpointing: bool = False,
+        decomposition_kwargs: dict[str, Any] | None = None,
+        verbose: bool = False,
+    ) -> FactorizedLinear:
+        """Jointly decompose same-shape layers into one layer with ``n_layers=len(linear_list)``."""
+        if len(linear_list) == 0:
+            raise ShapeError("linear_list is empty: give at least one nn.Linear")
+        first = linear_list[0].weight
+        for k, linear in enumerate(linear_list):
+            if linear.weight.shape != first.shape:
+                raise ShapeError(
+                    f"linear_list[{k}] has weight shape {tuple(linear.weight.shape)}, "
+                    f"but linear_list[0] has {tuple(first.shape)}: all layers must match"
+                )
+        in_modes = check_modes(in_tensorized_features, "in_tensorized_features")
+        out_modes = check_modes(out_tensorized_features, "out_tensorized_features")
+        _check_features(in_modes, first.shape[1], "in_tensorized_features", "in_features")
+        _check_features(out_modes, first.shape[0], "out_tensorized_features", "out_features")
+        layer = cls(in_modes, out_modes, bias=bias, factorization=factorization, rank=rank,
+                    implementation=implementation, n_layers=len(linear_list),
+                    checkpointing=checkpointing, device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            dense = torch.stack([lin.weight.detach() for lin in linear_list])
+            dense = dense.reshape(layer.weight.all_modes)
+            error = layer.weight.fit_(dense, **(decomposition_kwargs or {}))
+            if layer.bias is not None:
+                biases = [lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
+                          for lin in linear_list]
+                layer.bias.copy_(torch.stack(biases).reshape(layer.bias.shape))
+        layer.decomposition_error = error
+        if verbose:
+            print(f"{layer.factorization} decomposition of {len(linear_list)} layer(s): relative error {error:.3e}")
+        return layer
+
+    # ---- display ----------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        dense = math.prod(self.layer_shape) * self.in_features * self.out_features
+        n_params = self.weight.num_parameters()
+        layers = f", n_layers={self.n_layers}" if self.layer_shape else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"factorization='{self.factorization}', in_tensorized_features={self.in_tensorized_features}, "
+            f"out_tensorized_features={self.out_tensorized_features}, rank={self.rank}{layers}, "
+            f"weight_parameters={n_params} ({n_params / dense:.1%} of dense), "
+            f"implementation='{self.implementation}', bias={self.bias is not None}"
+        )
+
+
+class SubFactorizedLinear(nn.Module):
+    """One layer of a joint :class:`FactorizedLinear`; shares the parent's parameters."""
+
+    def __init__(self, parent: FactorizedLinear, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.parent = parent
+        self.indices = indices
+        self.in_features = parent.in_features
+        self.out_features = parent.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.parent(x, self.indices)
+
+    def to_linear(self) -> nn.Linear:
+        return self.parent.to_linear(self.indices)
+
+    def extra_repr(self) -> str:
+        return f"indices={self.indices}, in_features={self.in_features}, out_features={self.out_features}"
