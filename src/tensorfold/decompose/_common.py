@@ -119,12 +119,9 @@ def make_generator(generator: torch.Generator | None) -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def randn(
-    shape: Sequence[int], generator: torch.Generator, like: torch.Tensor
-) -> torch.Tensor:
+def randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal samples drawn on the generator's device, returned like ``like``."""
-    out = torch.randn(tuple(shape), generator=generator, device=generator.device,
-                      dtype=like.dtype)
+    out = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
     return out.to(like.device)
 
 

@@ -28,6 +28,7 @@ from tensorfold.errors import DecompositionError, RankError
 
 __all__ = ["cp_als"]
 
+
 def _split_modes(shape: Sequence[int]) -> int:
     """Number of leading modes whose size product is closest to ``sqrt(numel)``."""
     if len(shape) == 1:
@@ -125,8 +126,14 @@ def _als(
     n_iter_max: int,
     tol: float,
     ridge: float,
+    extrapolate: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """ALS sweeps on a unit-norm ``x`` from unit-norm ``factors`` (updated in place)."""
+    """ALS sweeps on a unit-norm ``x`` from unit-norm ``factors`` (updated in place).
+
+    With ``extrapolate``, each sweep also tries the point ``prev + s (cur - prev)`` with
+    ``s = it^(1/3)`` (a Bro-style line search) and keeps it when its error is lower: this
+    walks out of the slow "swamps" of ALS. It costs one reconstruction per sweep.
+    """
     shape = list(x.shape)
     rank = factors[0].shape[1]
     n_left = _split_modes(shape)
@@ -139,7 +146,8 @@ def _als(
     v_buf, v_last = x.new_empty(rank, rank), x.new_empty(rank, rank)
     floor = round_off_floor(x.dtype)
     err_prev = None
-    for _ in range(max(1, int(n_iter_max))):
+    prev: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    for it in range(max(1, int(n_iter_max))):
         for group, other, mat in groups:
             if not group:
                 continue
@@ -169,6 +177,20 @@ def _als(
         if err < floor:
             # Below what the estimate resolves: measure the residual directly.
             err = _dense_error(x_mat, weights, factors, left, right, rank)
+        if extrapolate:
+            if prev is not None:
+                step = (it + 1) ** (1.0 / 3.0)
+                w_try = prev[0] + step * (weights - prev[0])
+                f_try = []
+                for f, f_prev in zip(factors, prev[1], strict=True):
+                    f_new, norms = _normalise(f_prev + step * (f - f_prev), f)
+                    f_try.append(f_new)
+                    w_try = w_try * norms
+                err_try = _dense_error(x_mat, w_try, f_try, left, right, rank)
+                if err_try < err:
+                    weights, factors, err = w_try, f_try, err_try
+                    grams = [f.mT @ f for f in factors]
+            prev = (weights.clone(), [f.clone() for f in factors])
         if err_prev is not None and abs(err_prev - err) <= tol * err_prev:
             break
         err_prev = err
@@ -178,7 +200,7 @@ def _als(
 # Below this many ``numel * rank`` multiply-adds per sweep, extra starts are nearly free and
 # guard against ALS swamps (tiny tensors, ranks above the mode sizes).
 _SMALL_PROBLEM = 200_000
-_SMALL_STARTS = 32
+_TINY_PROBLEM = 20_000
 _FINALISTS = 4
 
 
@@ -217,8 +239,9 @@ def cp_als(
         compute_dtype: float32 or float64; default float64 for float64 input, else float32.
         ridge: Relative Tikhonov term ``lam / mean(diag V_k)``; default 1e-6 in float32 and
             1e-12 in float64.
-        n_starts: Number of starts; default 32 for small problems (``numel * rank <= 2e5``,
-            where ALS swamps are common and starts are cheap), else 1.
+        n_starts: Number of starts; default 64 when ``numel * rank <= 2e4``, 16 up to
+            ``2e5`` (small problems: ALS swamps are common there and starts are cheap; these
+            also use the extrapolation step), else 1.
 
     Returns:
         ``(weights, factors, rel_error)``: ``weights`` of shape ``(R,)``, ``factors[k]`` of
@@ -249,8 +272,9 @@ def cp_als(
             raise DecompositionError(f"init={init!r} is not supported; use 'svd' or 'random'")
         if ridge is None:
             ridge = 1e-12 if prep.dtype == torch.float64 else 1e-6
+        small = x.numel() * rank <= _SMALL_PROBLEM
         if n_starts is None:
-            n_starts = _SMALL_STARTS if x.numel() * rank <= _SMALL_PROBLEM else 1
+            n_starts = (64 if x.numel() * rank <= _TINY_PROBLEM else 16) if small else 1
         gen = make_generator(generator)
         factors = _init_factors(x, rank, init, gen)
         if prep.norm == 0:
@@ -259,11 +283,11 @@ def cp_als(
         n_iter_max = max(1, int(n_iter_max))
         n_starts = max(1, int(n_starts))
         if n_starts == 1:
-            best = _als(x, factors, n_iter_max, tol, ridge)
+            best = _als(x, factors, n_iter_max, tol, ridge, small)
         else:
             # Tournament: every start gets a short burn-in, the few best run to the end.
             burn_in = max(1, n_iter_max // 4)
-            trials = [_als(x, factors, burn_in, tol, ridge)]
+            trials = [_als(x, factors, burn_in, tol, ridge, small)]
             for start in range(1, n_starts):
                 if init == "svd" and start % 2 == 1:
                     # SVD starts with other random paddings, alternating with random starts.
@@ -271,13 +295,13 @@ def cp_als(
                     factors = _init_factors(x, rank, "svd", gen, padding)
                 else:
                     factors = _init_factors(x, rank, "random", gen)
-                trials.append(_als(x, factors, burn_in, tol, ridge))
+                trials.append(_als(x, factors, burn_in, tol, ridge, small))
             # The primary start always reaches the final: a slow starter may still win.
             ranked = [trials[0]] + sorted(trials[1:], key=lambda t: t[2])[: _FINALISTS - 1]
             best = min(ranked, key=lambda t: t[2])
             if n_iter_max > burn_in:
                 for _, f, _ in ranked:
-                    trial = _als(x, f, n_iter_max - burn_in, tol, ridge)
+                    trial = _als(x, f, n_iter_max - burn_in, tol, ridge, small)
                     if trial[2] < best[2]:
                         best = trial
 

@@ -174,7 +174,7 @@ def ttm_svd(
         perm = list(range(n_layer))
         for k in range(d):
             perm += [n_layer + k, n_layer + d + k]
-        merged = list(shape[:n_layer]) + [o * i for o, i in zip(outs, ins)]
+        merged = list(shape[:n_layer]) + [o * i for o, i in zip(outs, ins, strict=True)]
         xp = prep.x.permute(perm).reshape(merged)
         cores = _tt_svd_unit(xp, r, make_generator(generator))
         err = _rel_error(xp, _tt_dense(cores)) if prep.norm > 0 else 0.0
