@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from tensorfold.decompose._common import (
+    lapack_thread,
     leading_left_singular,
     make_generator,
     prepare,
@@ -79,14 +80,16 @@ def _solve_normal(v: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Ten
     lam = ridge * (float(diag.mean()) or 1.0)
     diag.add_(lam)
     for _ in range(3):
-        chol, info = torch.linalg.cholesky_ex(v)
+        with lapack_thread():
+            chol, info = torch.linalg.cholesky_ex(v)
         if int(info) == 0:
             # a L L^T = rhs, solved from the right: no transposed copies of rhs.
             y = torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False)
             return torch.linalg.solve_triangular(chol, y, upper=False, left=False)
         diag.add_(lam * 999.0)  # nearly collinear components: regularise harder, not fail
         lam *= 1e3
-    return torch.linalg.lstsq(v, rhs.mT).solution.mT
+    with lapack_thread():
+        return torch.linalg.lstsq(v, rhs.mT).solution.mT
 
 
 def _normalise(a: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

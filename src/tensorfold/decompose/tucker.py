@@ -9,6 +9,7 @@ import torch
 from tensorfold.decompose._common import (
     check_int_ranks,
     complete_columns,
+    lapack_thread,
     leading_left_singular,
     make_generator,
     prepare,
@@ -121,7 +122,8 @@ def tucker_hooi(
             if init == "svd":
                 u, n_valid[k] = _subspace(x, k, r[k], gen)
             else:
-                u = torch.linalg.qr(randn((shape[k], r[k]), gen, x)).Q
+                with lapack_thread():
+                    u = torch.linalg.qr(randn((shape[k], r[k]), gen, x)).Q
             factors.append(u)
 
         floor = round_off_floor(prep.dtype)
