@@ -1,21 +1,28 @@
 """Pure-tensor forms of a factorized linear layer: tensors in, tensor out.
 
-No modules, no globals beyond the plan cache, no I/O. ``network`` (a
-:class:`~tensorfold.plan.Network`) says how the factors contract; each format
-provides one (``tensorfold.formats.get_format(name).network_for(n_out, n_in)``).
+No modules, no state beyond the plan caches of :mod:`tensorfold.plan`, no I/O.
+``network`` (a :class:`~tensorfold.plan.Network`) says how the factors contract;
+each format provides one (``tensorfold.formats.get_format(name).network_for(n_out, n_in)``).
+
+Everything that depends only on shapes (the contraction orders of the forward and
+of the reconstruction, their costs, the ``'auto'`` choice) is computed once per
+``(network, factor shapes, batch bucket, device type, dtype)`` and cached; a call
+looks it up and runs a fixed list of ``mm``/``bmm`` kernels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ImplementationError, ShapeError
-from .plan import Network, batch_bucket, contraction_plan
+from .plan import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -23,13 +30,19 @@ __all__ = [
     "reconstruct_weight",
     "factorized_linear",
     "choose_implementation",
+    "layer_program",
+    "LayerProgram",
 ]
 
 IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
 
-# Cost model for 'auto': seconds ~ flops / rate + steps * launch overhead.
-_FLOP_RATE = 5e10
-_STEP_OVERHEAD_S = 1.5e-5
+# A training step costs about three forward passes on every path (forward, then
+# gradients for the input and for the weights), so the forward costs decide 'auto'
+# in training too; the lean backward of the factorized path recomputes its forward.
+_LEAN_RECOMPUTE = 4.0 / 3.0
+# With a reusable weight the dense GEMM is the safe side (exactly nn.Linear's speed):
+# the factorized path must be predicted clearly faster to be taken.
+_CACHED_MARGIN = 1.25
 
 
 def check_implementation(implementation: object) -> str:
@@ -42,8 +55,31 @@ def check_implementation(implementation: object) -> str:
     return str(name)
 
 
-def _shapes(factors: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(f.shape) for f in factors)
+@dataclass(frozen=True)
+class LayerProgram:
+    """Everything shape-dependent about one layer at one batch bucket, computed once.
+
+    Attributes:
+        in_features, out_features: the layer's widths.
+        in_modes: the input's tensorized shape (for the reshape into the network).
+        forward: the plan contracting ``x[Z, in_modes]`` with the factors.
+        rebuild: the plan rebuilding ``W`` (no intermediate larger than ``W``).
+        t_factorized, t_rebuild, t_gemm: cost-model seconds of the factorized forward,
+            of rebuilding ``W``, and of the dense GEMM, at the bucket's row count.
+        choice: ``'factorized'`` or ``'reconstructed'`` when ``W`` must be rebuilt.
+        choice_cached: the same when a rebuilt ``W`` can be reused (inference).
+    """
+
+    in_features: int
+    out_features: int
+    in_modes: tuple[int, ...]
+    forward: ContractionPlan
+    rebuild: ContractionPlan
+    t_factorized: float
+    t_rebuild: float
+    t_gemm: float
+    choice: str
+    choice_cached: str
 
 
 def _mode_sizes(network: Network, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int]]:
@@ -51,57 +87,111 @@ def _mode_sizes(network: Network, shapes: tuple[tuple[int, ...], ...]) -> tuple[
     return [sizes[c] for c in network.out_labels], [sizes[c] for c in network.in_labels]
 
 
+@lru_cache(maxsize=4096)
+def _rebuild_plan(
+    network: Network, shapes: tuple[tuple[int, ...], ...], device_type: str, itemsize: int
+) -> ContractionPlan:
+    out_modes, in_modes = _mode_sizes(network, shapes)
+    numel = math.prod(out_modes) * math.prod(in_modes)
+    return contraction_plan(network.weight_equation(), shapes, numel, device_type, itemsize)
+
+
+@lru_cache(maxsize=8192)
+def layer_program(
+    network: Network,
+    shapes: tuple[tuple[int, ...], ...],
+    bucket: int,
+    device_type: str = "cpu",
+    itemsize: int = 4,
+) -> LayerProgram:
+    """The cached :class:`LayerProgram` for a layer's factor shapes and a batch bucket."""
+    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+    out_modes, in_modes = _mode_sizes(network, shapes)
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    forward = contraction_plan(
+        network.forward_equation(), ((bucket, *in_modes), *shapes), None, device_type, itemsize
+    )
+    rebuild = _rebuild_plan(network, shapes, device_type, itemsize)
+    model = cost_model(device_type)
+    t_gemm = model.kernel(
+        2.0 * bucket * n_in * n_out, (bucket * n_in + n_in * n_out) * itemsize, bucket * n_out * itemsize,
+        (bucket, n_in, n_out),
+    )
+    # The factorized path also pays the reshape of x and (maybe) of y.
+    t_fact = forward.cost_s + model.launch_s
+    t_rebuild = rebuild.cost_s
+    choice = "factorized" if t_fact <= t_rebuild + t_gemm else "reconstructed"
+    choice_cached = "factorized" if t_fact * _CACHED_MARGIN <= t_gemm else "reconstructed"
+    return LayerProgram(
+        n_in, n_out, tuple(in_modes), forward, rebuild, t_fact, t_rebuild, t_gemm, choice, choice_cached
+    )
+
+
+def _program(factors: Sequence[Tensor], network: Network, rows: int) -> LayerProgram:
+    f0 = factors[0]
+    return layer_program(
+        network,
+        tuple(tuple(f.shape) for f in factors),
+        batch_bucket(rows),
+        f0.device.type,
+        f0.element_size(),
+    )
+
+
 def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     """Rebuild the dense ``(out_features, in_features)`` weight from single-layer factors.
 
-    The contraction order is planned once per shape with no intermediate larger than
-    the weight itself (where one exists). ``W = contract(factors)``.
+    The contraction order is planned once per shape so that no intermediate is
+    larger than the weight itself (a CP rank above ``min(in, out)`` is contracted
+    in chunks). ``W = contract(factors)``.
 
     Shape:
         factors: as the format lays them out; returns ``(prod(out_modes), prod(in_modes))``.
     """
-    shapes = _shapes(factors)
+    f0 = factors[0]
+    shapes = tuple(tuple(f.shape) for f in factors)
+    plan = _rebuild_plan(network, shapes, f0.device.type, f0.element_size())
     out_modes, in_modes = _mode_sizes(network, shapes)
-    numel = math.prod(out_modes) * math.prod(in_modes)
-    plan = contraction_plan(network.weight_equation(), shapes, max(numel, _largest(shapes)))
     return plan(*factors).reshape(math.prod(out_modes), math.prod(in_modes))
 
 
-def _largest(shapes: tuple[tuple[int, ...], ...]) -> int:
-    return max(math.prod(s) for s in shapes)
+def choose_implementation(
+    factors: Sequence[Tensor], network: Network, rows: int, reuse_weight: bool = False
+) -> str:
+    """'factorized' or 'reconstructed', whichever the cost model says is cheaper for ``rows``.
+
+    With ``reuse_weight=True`` the rebuild is taken as free (a cached weight is reused),
+    so 'reconstructed' means one dense GEMM.
+    """
+    program = _program(factors, network, rows)
+    return program.choice_cached if reuse_weight else program.choice
 
 
-def _forward_plan(network: Network, shapes: tuple[tuple[int, ...], ...], in_modes: list[int], rows: int):
-    return contraction_plan(network.forward_equation(), ((batch_bucket(rows), *in_modes), *shapes))
+class _LeanFactorized(torch.autograd.Function):
+    """The factorized contraction, saving only ``x`` and the factors for backward.
 
+    Autograd through the plan would keep every batch-sized intermediate alive until
+    backward; here backward recomputes the forward chain (one more forward's FLOPs)
+    and differentiates it at once, so a stack of layers holds only its inputs.
+    """
 
-def choose_implementation(factors: Sequence[Tensor], network: Network, rows: int) -> str:
-    """'factorized' or 'reconstructed', whichever the cost model says is cheaper for ``rows``."""
-    return _choose(network, _shapes(factors), rows)
+    @staticmethod
+    def forward(ctx, plan: ContractionPlan, x: Tensor, *factors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        ctx.save_for_backward(x, *factors)
+        return plan(x, *factors)
 
-
-def _choose(network: Network, shapes: tuple[tuple[int, ...], ...], rows: int) -> str:
-    return _choose_cached(network, shapes, batch_bucket(rows))
-
-
-_CHOICES: dict[tuple[Network, tuple[tuple[int, ...], ...], int], str] = {}
-
-
-def _choose_cached(network: Network, shapes: tuple[tuple[int, ...], ...], bucket: int) -> str:
-    key = (network, shapes, bucket)
-    choice = _CHOICES.get(key)
-    if choice is None:
-        out_modes, in_modes = _mode_sizes(network, shapes)
-        factorized = _forward_plan(network, shapes, in_modes, bucket)
-        dense_numel = math.prod(out_modes) * math.prod(in_modes)
-        rebuild = contraction_plan(network.weight_equation(), shapes, max(dense_numel, _largest(shapes)))
-        t_factorized = factorized.flops / _FLOP_RATE + len(factorized.steps) * _STEP_OVERHEAD_S
-        t_rebuild = (rebuild.flops + 2 * bucket * dense_numel) / _FLOP_RATE + (
-            len(rebuild.steps) + 1
-        ) * _STEP_OVERHEAD_S
-        choice = "factorized" if t_factorized <= t_rebuild else "reconstructed"
-        _CHOICES[key] = choice
-    return choice
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, *factors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(n) for t, n in zip((x, *factors), needs)]
+            y = ctx.plan(*inputs)
+            wanted = [t for t, n in zip(inputs, needs) if n]
+            grads = iter(torch.autograd.grad(y, wanted, grad)) if wanted else iter(())
+        return (None, *[next(grads) if n else None for n in needs])
 
 
 def factorized_linear(
@@ -110,11 +200,14 @@ def factorized_linear(
     network: Network,
     bias: Tensor | None = None,
     implementation: str = "factorized",
+    lean_backward: bool = False,
 ) -> Tensor:
     """``y = x W^T + b`` with ``W`` held as factors.
 
     ``'factorized'`` contracts ``x`` with the factors directly (``W`` is never built),
-    ``'reconstructed'`` rebuilds ``W`` and runs one GEMM, ``'auto'`` picks the cheaper.
+    ``'reconstructed'`` rebuilds ``W`` and runs one GEMM, ``'auto'`` picks the cheaper
+    by a cost model (FLOPs, bytes moved, kernels), planned once per shape and batch
+    size bucket.
 
     Args:
         x: input of shape ``(*, in_features)``.
@@ -122,6 +215,8 @@ def factorized_linear(
         network: the format's :class:`~tensorfold.plan.Network`.
         bias: optional ``(out_features,)``.
         implementation: ``'factorized'``, ``'reconstructed'`` or ``'auto'``.
+        lean_backward: on the factorized path, save only ``x`` and the factors for
+            backward and recompute the chain there (less memory, one more forward).
 
     Shape:
         x: ``(*, in_features)`` -> ``(*, out_features)``.
@@ -133,23 +228,29 @@ def factorized_linear(
         >>> factorized_linear(torch.randn(5, 2), cores, get_format("tt").network_for(1, 1)).shape
         torch.Size([5, 4])
     """
-    shapes = _shapes(factors)
-    out_modes, in_modes = _mode_sizes(network, shapes)
-    in_features = math.prod(in_modes)
-    out_features = math.prod(out_modes)
-    if x.ndim == 0 or x.shape[-1] != in_features:
+    lead = x.shape[:-1]
+    rows = math.prod(lead) if x.ndim else 0
+    program = _program(factors, network, rows)
+    if x.ndim == 0 or x.shape[-1] != program.in_features:
         width = x.shape[-1] if x.ndim else "a scalar"
         raise ShapeError(
-            f"input has last dimension {width}, but the layer has in_features={in_features}"
+            f"input has last dimension {width}, but the layer has in_features={program.in_features}"
         )
-    lead = x.shape[:-1]
-    rows = math.prod(lead)
     if implementation == "auto":
-        implementation = _choose(network, shapes, rows)
-    if implementation == "reconstructed":
-        return F.linear(x, reconstruct_weight(factors, network), bias)
-    if implementation != "factorized":
-        check_implementation(implementation)
-    plan = _forward_plan(network, shapes, in_modes, rows)
-    y = plan(x.reshape(rows, *in_modes), *factors).reshape(*lead, out_features)
-    return y if bias is None else y + bias
+        implementation = program.choice
+    elif implementation not in ("factorized", "reconstructed"):
+        implementation = check_implementation(implementation)
+        if implementation == "auto":
+            implementation = program.choice
+    if implementation == "reconstructed" or rows == 0:
+        weight = program.rebuild(*factors).reshape(program.out_features, program.in_features)
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, *program.in_modes)
+    if lean_backward and torch.is_grad_enabled():
+        y = _LeanFactorized.apply(program.forward, xt, *factors)
+    else:
+        y = program.forward(xt, *factors)
+    y = y.reshape(*lead, program.out_features)
+    # Under autocast y is in the low dtype: cast the bias as F.linear does, so every path
+    # returns nn.Linear's dtype.
+    return y if bias is None else y + bias.to(y.dtype)

@@ -1,22 +1,39 @@
-"""Contraction planning: find an einsum order once per shape, then reuse it.
+"""Contraction planning: find an order once per shape, compile it, reuse it.
 
 A factorized layer is a small tensor network. Its forward pass (input with the
 factors) and its reconstruction (factors into the dense weight) are each one
-einsum whose best pairwise order depends only on the shapes. opt_einsum finds
-that order; we cache it per shape key so the hot path never searches, and run it
-as a chain of two-operand ``torch.einsum`` calls (which torch maps to bmm).
+einsum whose best pairwise order depends only on the shapes. For each shape key
+we let opt_einsum propose a few orders (fewest FLOPs, smallest intermediates and
+mixes of the two), price each with a roofline cost model (FLOPs, bytes moved,
+layout copies, a fixed cost per kernel), keep the cheapest, and compile it into
+a fixed list of ``permute``/``reshape``/``mm``/``bmm`` steps. All of that is cached
+(``functools.lru_cache``), so the hot path only looks a plan up and runs it.
+
+A reconstruction whose every order needs an intermediate larger than the result
+(CP with a rank above ``min(in, out)``) is *sliced*: the shared rank label is
+split into chunks contracted one after another and summed, so no intermediate
+exceeds the weight.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import opt_einsum
 import torch
+from torch import Tensor
 
-__all__ = ["Network", "ContractionPlan", "contraction_plan", "batch_bucket"]
+__all__ = [
+    "Network",
+    "ContractionPlan",
+    "CostModel",
+    "contraction_plan",
+    "cost_model",
+    "batch_bucket",
+    "BATCH_LABEL",
+]
 
 BATCH_LABEL = "Z"  # reserved: formats never use it for a mode or a rank
 
@@ -37,6 +54,14 @@ class Network:
     subscripts: tuple[str, ...]
     out_labels: str
     in_labels: str
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Networks key every plan lookup: hash once, not on every call.
+        object.__setattr__(self, "_hash", hash((self.subscripts, self.out_labels, self.in_labels)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def weight_equation(self) -> str:
         """``factors -> out_modes + in_modes`` (the dense weight as a tensor)."""
@@ -56,74 +81,479 @@ class Network:
         return sizes
 
 
+# ---------------------------------------------------------------------------------------
+# Cost model
+# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ContractionPlan:
-    """A precomputed pairwise contraction order for one einsum and one set of shapes.
+class CostModel:
+    """Seconds for one kernel: ``max(compute, memory) + launch_s``.
+
+    ``compute = flops / (flop_rate * e(m) e(k) e(n))`` for a GEMM of ``m x k`` by ``k x n``,
+    with ``e(d) = d / (d + small_dim)``: GEMMs with a thin side (a rank of 4, a mode of
+    8) run far below the machine's peak. ``memory = read / read_rate + written / write_rate``;
+    writing a fresh large tensor costs more than reading (page faults on CPU). A layout
+    copy (a permute that ``reshape`` must materialise) reads and writes the operand.
+    Constants come from ``benchmarks/calibrate.py`` on the development machines.
 
     Attributes:
-        steps: ``(positions, equation)`` per pairwise step, opt_einsum's convention:
-            pop the operands at ``positions`` (descending), contract, append the result.
-        flops: multiply-add count times two of the whole chain.
-        largest_intermediate: element count of the biggest intermediate.
+        flop_rate: GEMM rate on large square shapes, FLOP/s.
+        read_rate, write_rate: memory bandwidth, bytes/s.
+        launch_s: fixed cost of one kernel call (Python + dispatch, or a CUDA launch).
+        small_dim: GEMM side length at which efficiency halves.
     """
 
-    steps: tuple[tuple[tuple[int, ...], str], ...]
+    flop_rate: float
+    read_rate: float
+    write_rate: float
+    launch_s: float
+    small_dim: float
+
+    def efficiency(self, *dims: int) -> float:
+        eff = 1.0
+        for d in dims:
+            eff *= d / (d + self.small_dim)
+        return eff
+
+    def kernel(self, flops: float, read: float, written: float, dims: tuple[int, ...] = ()) -> float:
+        compute = flops / (self.flop_rate * self.efficiency(*dims)) if flops else 0.0
+        memory = read / self.read_rate + written / self.write_rate
+        return max(compute, memory) + self.launch_s
+
+    def copy(self, nbytes: float) -> float:
+        return nbytes / self.read_rate + nbytes / self.write_rate + self.launch_s
+
+
+# 2-core x86 CPU, fp32, 2 threads (benchmarks/calibrate.py): ~1e11 FLOP/s on large GEMMs,
+# ~15 GB/s reads, ~4 GB/s into freshly allocated memory, ~5 us per ATen call from Python.
+_CPU = CostModel(flop_rate=1.0e11, read_rate=1.5e10, write_rate=4.0e9, launch_s=5e-6, small_dim=12.0)
+# One H100-class GPU, bf16: tensor-core GEMM, HBM, Python dispatch + launch per kernel.
+_CUDA = CostModel(flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=1e-5, small_dim=64.0)
+
+
+def cost_model(device_type: str) -> CostModel:
+    """The :class:`CostModel` for a device type (``'cpu'``, ``'cuda'``; others as CPU)."""
+    return _CUDA if device_type == "cuda" else _CPU
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled pairwise steps
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Operand:
+    """How one operand of a step is brought into ``(batch, rows, cols)`` form."""
+
+    slot: int
+    presum: tuple[int, ...]  # axes summed away first (labels used nowhere else)
+    perm: tuple[int, ...] | None  # None: already in order
+    shape: tuple[int, ...]  # reshape target (one entry may be -1: the dynamic label)
+    transpose: bool  # view the last two axes transposed after the reshape
+    copies: bool  # the reshape materialises a copy
+
+
+@dataclass(frozen=True)
+class _Step:
+    kind: str  # 'mm' | 'bmm' | 'mul' | 'sum' (one operand: sum labels used nowhere else)
+    a: _Operand
+    b: _Operand | None
+    out_shape: tuple[int, ...]  # view of the product, one axis per label
+    release: tuple[int, ...]  # slots no longer needed afterwards
+
+
+def _group_size(labels: str, sizes: dict[str, int], dynamic: str) -> int:
+    if dynamic and dynamic in labels:
+        return -1
+    return math.prod(sizes[c] for c in labels)
+
+
+def _shape_of(labels: str, sizes: dict[str, int], dynamic: str) -> tuple[int, ...]:
+    return tuple(-1 if c == dynamic else sizes[c] for c in labels)
+
+
+def _prepare(
+    labels: str, groups: list[str], sizes: dict[str, int], dynamic: str, slot: int, keep: set[str]
+) -> tuple[_Operand, int, str]:
+    """Lay ``labels`` out as the concatenated ``groups``; sum labels not in ``keep``."""
+    presum = tuple(i for i, c in enumerate(labels) if c not in keep)
+    current = "".join(c for c in labels if c in keep)
+    target = "".join(groups)
+    perm = None if current == target else tuple(current.index(c) for c in target)
+    shape = tuple(_group_size(g, sizes, dynamic) for g in groups)
+    numel = math.prod(sizes[c] for c in labels)
+    # A permutation that only regroups keeps memory order when it is the identity.
+    copies = perm is not None and len(target) > 1
+    return _Operand(slot, presum, perm, shape, False, copies), numel, target
+
+
+def _orient(labels: str, options: list[list[str]]) -> tuple[list[str], bool]:
+    """Pick the grouping among ``options`` (plain, transposed) that needs no copy."""
+    order = "".join(labels)
+    for k, groups in enumerate(options):
+        if "".join(groups) == order:
+            return groups, k == 1
+    return options[0], False
+
+
+def _compile_step(
+    a_labels: str,
+    b_labels: str,
+    keep_after: set[str],
+    sizes: dict[str, int],
+    dynamic: str,
+    slots: tuple[int, int],
+    swap: bool,
+) -> tuple[_Step, str, float, float, float]:
+    """Compile one pairwise contraction; returns (step, result labels, flops, bytes, copy bytes).
+
+    ``keep_after`` holds the labels still needed by other operands or the output.
+    The operand with the dynamic (batch) label, else the larger one, leads: its
+    label order decides the order of the shared groups so it is copied least.
+    """
+    a_set, b_set = set(a_labels), set(b_labels)
+    a_used = {c for c in a_labels if c in b_set or c in keep_after}
+    b_used = {c for c in b_labels if c in a_set or c in keep_after}
+    lead_is_a = (dynamic in a_set) or (
+        dynamic not in b_set
+        and math.prod(sizes[c] for c in a_labels) >= math.prod(sizes[c] for c in b_labels)
+    )
+    if swap:
+        lead_is_a = not lead_is_a
+    lead, other = (a_labels, b_labels) if lead_is_a else (b_labels, a_labels)
+    lead_slot, other_slot = (slots[0], slots[1]) if lead_is_a else (slots[1], slots[0])
+    lead_used, other_used = (a_used, b_used) if lead_is_a else (b_used, a_used)
+    other_set = set(other)
+    lead_set = set(lead)
+    batch = "".join(c for c in lead if c in other_set and c in keep_after)
+    contr = "".join(c for c in lead if c in other_set and c not in keep_after)
+    lead_free = "".join(c for c in lead if c not in other_set and c in lead_used)
+    other_free = "".join(c for c in other if c not in lead_set and c in other_used)
+    lead_kept = "".join(c for c in lead if c in lead_used)
+    other_kept = "".join(c for c in other if c in other_used)
+
+    nb = math.prod(sizes[c] for c in batch)
+    nf = math.prod(sizes[c] for c in lead_free)
+    nc = math.prod(sizes[c] for c in contr)
+    ng = math.prod(sizes[c] for c in other_free)
+    if not contr:
+        kind = "mul"
+        lead_groups, t_lead = [batch, lead_free], False
+        other_groups, t_other = [batch, other_free], False
+        flops = nb * nf * ng
+    else:
+        kind = "bmm" if batch else "mm"
+        lead_groups, t_lead = _orient(lead_kept, [[batch, lead_free, contr], [batch, contr, lead_free]])
+        other_groups, t_other = _orient(other_kept, [[batch, contr, other_free], [batch, other_free, contr]])
+        flops = 2 * nb * nf * nc * ng
+    if kind == "mm":
+        lead_groups, other_groups = lead_groups[1:], other_groups[1:]
+    lead_op, lead_numel, _ = _prepare(lead, lead_groups, sizes, dynamic, lead_slot, lead_used)
+    other_op, other_numel, _ = _prepare(other, other_groups, sizes, dynamic, other_slot, other_used)
+    lead_op = _Operand(lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape, t_lead, lead_op.copies)
+    other_op = _Operand(other_op.slot, other_op.presum, other_op.perm, other_op.shape, t_other, other_op.copies)
+    if kind == "mul":
+        # (nb, nf, 1) * (nb, 1, ng): broadcasting outer product per batch entry.
+        lead_op = _Operand(lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape + (1,), False, lead_op.copies)
+        other_op = _Operand(
+            other_op.slot, other_op.presum, other_op.perm, other_op.shape[:1] + (1,) + other_op.shape[1:],
+            False, other_op.copies,
+        )
+    result = batch + lead_free + other_free
+    out_numel = nb * nf * ng
+    step = _Step(kind, lead_op, other_op, _shape_of(result, sizes, dynamic), ())
+    copy = (lead_numel if lead_op.copies else 0) + (other_numel if other_op.copies else 0)
+    dims = (nf, nc, ng) if kind != "mul" else ()
+    return step, result, float(flops), (lead_numel + other_numel, out_numel, dims), float(copy)
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """A compiled pairwise contraction order for one einsum and one set of shapes.
+
+    Call it with the operands (in equation order) to get the result in the
+    equation's output order.
+
+    Attributes:
+        equation: the planned einsum equation.
+        path: opt_einsum's pairwise path (positions popped per step).
+        flops: FLOPs of the whole chain (multiply-adds count two).
+        largest_intermediate: element count of the biggest tensor the plan creates
+            (the result included; for a sliced plan, per chunk, or the result).
+        cost_s: the cost model's estimate in seconds for the planned shapes.
+        slices: ``(label, axis per operand or -1, chunk)`` when the plan is sliced.
+    """
+
+    equation: str
+    path: tuple[tuple[int, ...], ...]
     flops: int
     largest_intermediate: int
+    cost_s: float
+    steps: tuple[_Step, ...] = field(repr=False)
+    final_perm: tuple[int, ...] | None = field(repr=False)
+    unary: bool = field(default=False, repr=False)
+    slices: tuple[str, tuple[int, ...], int, int] | None = field(default=None, repr=False)
 
-    def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
-        ops = list(operands)
-        for positions, equation in self.steps:
-            picked = [ops.pop(p) for p in positions]
-            ops.append(torch.einsum(equation, *picked))
-        return ops[0]
+    @property
+    def n_kernels(self) -> int:
+        return len(self.steps) + (self.final_perm is not None)
+
+    def __call__(self, *operands: Tensor) -> Tensor:
+        if self.unary:
+            return torch.einsum(self.equation, operands[0])
+        if self.slices is not None:
+            return self._sliced(operands)
+        return self._run(operands)
+
+    def _run(self, operands: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+        values: list[Tensor | None] = list(operands)
+        for step in self.steps:
+            a = _bring(values[step.a.slot], step.a)  # type: ignore[arg-type]
+            if step.b is None:
+                values.append(a)
+                for slot in step.release:
+                    values[slot] = None
+                continue
+            b = _bring(values[step.b.slot], step.b)  # type: ignore[arg-type]
+            if step.kind == "mm":
+                r = torch.mm(a, b)
+            elif step.kind == "bmm":
+                r = torch.bmm(a, b)
+            else:
+                r = a * b
+            values.append(r.view(step.out_shape))
+            for slot in step.release:
+                values[slot] = None
+        out = values[-1]
+        assert out is not None
+        return out if self.final_perm is None else out.permute(self.final_perm)
+
+    def _sliced(self, operands: tuple[Tensor, ...]) -> Tensor:
+        label, axes, size, chunk = self.slices  # type: ignore[misc]
+        total: Tensor | None = None
+        for start in range(0, size, chunk):
+            width = min(chunk, size - start)
+            part = self._run([op if ax < 0 else op.narrow(ax, start, width) for op, ax in zip(operands, axes)])
+            total = part if total is None else total + part
+        assert total is not None
+        return total
 
 
-def _step_flops(equation: str, sizes: dict[str, int]) -> int:
-    inputs, _, output = equation.partition("->")
-    labels = set(inputs.replace(",", ""))
-    volume = math.prod(sizes[label] for label in labels)
-    summed = labels - set(output)
-    return 2 * volume if summed else volume
+def _bring(t: Tensor, op: _Operand) -> Tensor:
+    if op.presum:
+        t = t.sum(op.presum)
+    if op.perm is not None:
+        t = t.permute(op.perm)
+    t = t.reshape(op.shape)
+    return t.transpose(-1, -2) if op.transpose else t
+
+
+def _compile(
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    path: list[tuple[int, ...]],
+    model: CostModel,
+    itemsize: int,
+    dynamic: str,
+) -> tuple[tuple[_Step, ...], tuple[int, ...] | None, int, int, float]:
+    """Compile an opt_einsum-style path; returns (steps, final perm, flops, largest, cost)."""
+    lhs, _, output = equation.partition("->")
+    inputs = lhs.split(",")
+    sizes: dict[str, int] = {}
+    for sub, shape in zip(inputs, shapes):
+        sizes.update(zip(sub, shape))
+    # Work list of (labels, slot); slots index the run-time value list.
+    live: list[tuple[str, int]] = [(sub, k) for k, sub in enumerate(inputs)]
+    next_slot = len(inputs)
+    steps: list[_Step] = []
+    flops_total = 0.0
+    cost = 0.0
+    largest = 0
+    for n_step, positions in enumerate(path):
+        picked = [live.pop(p) for p in sorted(positions, reverse=True)]
+        if len(picked) == 1:  # a reduction of labels no other operand uses
+            (labels, slot), = picked
+            keep_after = set(output).union(*(set(s) for s, _ in live))
+            presum = tuple(i for i, c in enumerate(labels) if c not in keep_after)
+            result = "".join(c for c in labels if c in keep_after)
+            numel = math.prod(sizes[c] for c in labels)
+            steps.append(_Step("sum", _Operand(slot, presum, None, _shape_of(result, sizes, dynamic), False, False),
+                               None, _shape_of(result, sizes, dynamic), ()))
+            cost += model.kernel(numel, numel * itemsize, math.prod(sizes[c] for c in result) * itemsize)
+            live.append((result, next_slot))
+            next_slot += 1
+            continue
+        if len(picked) != 2:
+            raise ValueError(f"only pairwise paths are supported, got {positions}")
+        (b_labels, b_slot), (a_labels, a_slot) = picked  # popped in descending position order
+        keep_after = set(output).union(*(set(s) for s, _ in live))
+        last = n_step == len(path) - 1
+        options = [False, True] if last else [False]
+        best = None
+        for swap in options:
+            step, result, flops, traffic, copy = _compile_step(
+                a_labels, b_labels, keep_after, sizes, dynamic, (a_slot, b_slot), swap
+            )
+            final_ok = result == output
+            score = (not final_ok) if last else 0
+            if best is None or score < best[0]:
+                best = (score, step, result, flops, traffic, copy)
+        _, step, result, flops, traffic, copy = best  # type: ignore[misc]
+        steps.append(step)
+        flops_total += flops
+        read, written, dims = traffic
+        cost += model.kernel(flops, read * itemsize, written * itemsize, dims)
+        if copy:
+            cost += model.copy(copy * itemsize)
+        largest = max(largest, math.prod(sizes[c] for c in result))
+        live.append((result, next_slot))
+        next_slot += 1
+    # Free every intermediate after its last use (keeps peak memory at the live set).
+    last_use: dict[int, int] = {}
+    for k, step in enumerate(steps):
+        for op in (step.a, step.b):
+            if op is not None:
+                last_use[op.slot] = k
+    n_in = len(inputs)
+    released = []
+    for k, step in enumerate(steps):
+        used = [op.slot for op in (step.a, step.b) if op is not None]
+        rel = tuple(s for s in used if s >= n_in and last_use[s] == k)
+        released.append(_Step(step.kind, step.a, step.b, step.out_shape, rel))
+    final_labels = live[0][0]
+    final_perm = None
+    if final_labels != output:
+        final_perm = tuple(final_labels.index(c) for c in output)
+        # The caller's reshape materialises it.
+        cost += model.copy(math.prod(sizes[c] for c in output) * itemsize)
+    return tuple(released), final_perm, int(flops_total), largest, cost
+
+
+_STRATEGIES = ("flops", "size", "combo-8", "combo-64", "combo-512")
+
+
+def _candidate_paths(equation: str, shapes: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, ...]]]:
+    """A few opt_einsum orders: fewest FLOPs, smallest intermediates and mixes."""
+    found: list[list[tuple[int, ...]]] = []
+    strategies: list[object] = []
+    if len(shapes) <= 5:
+        strategies.append("optimal")
+    strategies += [opt_einsum.DynamicProgramming(minimize=m, search_outer=True) for m in _STRATEGIES]
+    strategies.append("greedy")
+    for strategy in strategies:
+        try:
+            path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=strategy)
+        except (RuntimeError, ValueError):
+            continue
+        path = [tuple(p) for p in path]
+        if path not in found:
+            found.append(path)
+    return found
+
+
+def _plan(
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    memory_limit: int | None,
+    device_type: str,
+    itemsize: int,
+) -> ContractionPlan:
+    model = cost_model(device_type)
+    dynamic = BATCH_LABEL if BATCH_LABEL in equation.partition("->")[0] else ""
+    best = None
+    for path in _candidate_paths(equation, shapes):
+        steps, final_perm, flops, largest, cost = _compile(equation, shapes, path, model, itemsize, dynamic)
+        fits = memory_limit is None or largest <= memory_limit
+        key = (not fits, cost if fits else largest)
+        if best is None or key < best[0]:
+            best = (key, path, steps, final_perm, flops, largest, cost)
+    assert best is not None
+    _, path, steps, final_perm, flops, largest, cost = best
+    return ContractionPlan(equation, tuple(path), flops, largest, cost, steps, final_perm)
+
+
+def _sliced_plan(
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    memory_limit: int,
+    device_type: str,
+    itemsize: int,
+) -> ContractionPlan | None:
+    """Split the summed label shared by the most operands into chunks that fit the limit."""
+    lhs, _, output = equation.partition("->")
+    inputs = lhs.split(",")
+    sizes: dict[str, int] = {}
+    for sub, shape in zip(inputs, shapes):
+        sizes.update(zip(sub, shape))
+    summed = [c for c in sizes if c not in output and sizes[c] > 1]
+    if not summed:
+        return None
+    label = max(summed, key=lambda c: (sum(c in s for s in inputs), sizes[c]))
+    size = sizes[label]
+    axes = tuple(s.index(label) if label in s else -1 for s in inputs)
+    out_numel = math.prod(sizes[c] for c in output)
+    chunk = size
+    while chunk > 1:
+        chunk = (chunk + 1) // 2
+        sub_shapes = tuple(
+            tuple(chunk if k == ax else d for k, d in enumerate(s)) for s, ax in zip(shapes, axes)
+        )
+        # The chunk's size is dynamic at run time (the last chunk may be smaller).
+        model = cost_model(device_type)
+        for path in _candidate_paths(equation, sub_shapes):
+            steps, final_perm, flops, largest, cost = _compile(
+                equation, sub_shapes, path, model, itemsize, label
+            )
+            if largest <= memory_limit:
+                n_chunks = -(-size // chunk)
+                return ContractionPlan(
+                    equation, tuple(path), flops * n_chunks, max(largest, out_numel),
+                    cost * n_chunks + (n_chunks - 1) * model.kernel(out_numel, 2 * out_numel * itemsize, out_numel * itemsize),
+                    steps, final_perm, slices=(label, axes, size, chunk),
+                )
+    return None
 
 
 @lru_cache(maxsize=8192)
 def contraction_plan(
-    equation: str, shapes: tuple[tuple[int, ...], ...], memory_limit: int | None = None
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    memory_limit: int | None = None,
+    device_type: str = "cpu",
+    itemsize: int = 4,
 ) -> ContractionPlan:
     """Plan ``equation`` over operands of ``shapes``; cached, so call it freely.
 
     Args:
-        equation: an explicit einsum equation (``"...->..."``) in letters only.
+        equation: an explicit einsum equation (``"...->..."``) in letters only. The
+            label ``Z`` (:data:`BATCH_LABEL`), if present, is the batch: its size may
+            differ at run time from the planned one.
         shapes: the operand shapes, as tuples of Python ints.
-        memory_limit: largest intermediate allowed (elements), or None.
+        memory_limit: largest intermediate allowed (elements), or None. If no order
+            fits, the plan is sliced over a shared summed label; if even that fails,
+            the order with the smallest largest intermediate is used.
+        device_type: ``'cpu'`` or ``'cuda'``: which cost model ranks the orders.
+        itemsize: bytes per element (4 for float32, 2 for bfloat16).
 
     Returns:
-        The :class:`ContractionPlan`. Single-operand equations get one step.
+        The compiled :class:`ContractionPlan`.
+
+    Example:
+        >>> plan = contraction_plan("ab,bc->ac", ((2, 3), (3, 4)))
+        >>> plan(torch.ones(2, 3), torch.ones(3, 4)).shape
+        torch.Size([2, 4])
     """
     shapes = tuple(tuple(int(d) for d in s) for s in shapes)
     if len(shapes) == 1:
-        sizes = dict(zip(equation.partition("->")[0], shapes[0]))
-        out_numel = math.prod(sizes[c] for c in equation.partition("->")[2])
-        return ContractionPlan((((0,), equation),), math.prod(shapes[0]), out_numel)
-    # 'optimal' is exhaustive and fast for the chains a layer makes; 'dp' scales further.
-    strategy = "optimal" if len(shapes) <= 6 else "dp"
-    try:
-        _, info = opt_einsum.contract_path(
-            equation, *shapes, shapes=True, optimize=strategy, memory_limit=memory_limit
+        lhs, _, out = equation.partition("->")
+        sizes = dict(zip(lhs, shapes[0]))
+        out_numel = math.prod(sizes[c] for c in out)
+        return ContractionPlan(
+            equation, (), math.prod(shapes[0]), out_numel, 0.0, (), None, unary=True
         )
-    except RuntimeError:  # no order keeps every intermediate under the limit: drop it
-        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=strategy)
-    inputs = equation.partition("->")[0].split(",")
-    sizes: dict[str, int] = {}
-    for sub, shape in zip(inputs, shapes):
-        sizes.update(zip(sub, shape))
-    steps = []
-    flops = 0
-    for positions, _removed, step_equation, *_ in info.contraction_list:
-        steps.append((tuple(positions), step_equation))
-        flops += _step_flops(step_equation, sizes)
-    return ContractionPlan(tuple(steps), flops, int(info.largest_intermediate))
+    plan = _plan(equation, shapes, memory_limit, device_type, itemsize)
+    if memory_limit is not None and plan.largest_intermediate > memory_limit and BATCH_LABEL not in equation:
+        sliced = _sliced_plan(equation, shapes, memory_limit, device_type, itemsize)
+        if sliced is not None:
+            return sliced
+    return plan
 
 
 def batch_bucket(rows: int) -> int:

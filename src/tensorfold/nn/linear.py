@@ -7,12 +7,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LayerIndexError, ShapeError
 from ..formats import FactorizedTensor, get_format
-from ..functional import check_implementation, factorized_linear
+from ..functional import (
+    check_implementation,
+    choose_implementation,
+    factorized_linear,
+    reconstruct_weight,
+)
+from ..plan import batch_bucket
 from ..shapes import check_modes, tensorized_shape
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
@@ -142,13 +149,81 @@ class FactorizedLinear(nn.Module):
             width = x.shape[-1] if x.ndim else "a scalar"
             raise ShapeError(f"input has last dimension {width}, but the layer has in_features={self.in_features}")
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
-        if self.checkpointing and torch.is_grad_enabled():
+        if self.checkpointing and torch.is_grad_enabled() and self.implementation != "factorized":
+            # The factorized path has its own lean backward (see _forward).
             return checkpoint(self._forward, x, idx, bias, use_reentrant=False)
         return self._forward(x, idx, bias)
 
     def _forward(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor:
+        implementation = self.implementation
+        if implementation != "factorized" and self._may_reuse_weight():
+            y = self._forward_reusing_weight(x, idx, bias)
+            if y is not None:
+                return y
+            implementation = "factorized"
         factors = self.weight.layer_factors(idx)
-        return factorized_linear(x, factors, self.weight.network, bias, self.implementation)
+        return factorized_linear(x, factors, self.weight.network, bias, implementation,
+                                 lean_backward=self.checkpointing)
+
+    # ---- inference weight cache ---------------------------------------------------------
+    # In inference a rebuilt weight is reused while the factors are unchanged: the key
+    # holds each factor's version counter (bumped by every in-place update, optimiser
+    # steps and load_state_dict included) and storage address; _apply (.to(), .half(),
+    # .cuda(), ...) and load_state_dict clear it. Not a buffer: never in state_dict, and
+    # dropped on copy/pickle. Bypassed under torch.compile (traced code rebuilds).
+    def _may_reuse_weight(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(p.requires_grad for p in self.weight.factors.parameters())
+
+    def _forward_reusing_weight(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
+        """``F.linear`` with the cached weight, or None where 'auto' prefers the factorized path."""
+        if self.implementation == "auto":
+            choices = self.__dict__.setdefault("_choice_cache", {})
+            bucket = batch_bucket(x.numel() // self.in_features)
+            choice = choices.get(bucket)
+            if choice is None:
+                choice = choose_implementation(
+                    self.weight.layer_factors(idx), self.weight.network, bucket, reuse_weight=True
+                )
+                choices[bucket] = choice
+            if choice == "factorized":
+                return None
+        return F.linear(x, self._cached_weight(idx), bias)
+
+    def _cached_weight(self, idx: tuple[int, ...]) -> Tensor:
+        cache = self.__dict__.setdefault("_weight_cache", {})
+        key = tuple([(p._version, p.data_ptr()) for p in self.weight.factors._parameters.values()])
+        hit = cache.get(idx)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if cache and next(iter(cache.values()))[0] != key:
+            cache.clear()  # the factors changed: every layer's entry is stale
+        with torch.no_grad():
+            weight = reconstruct_weight(self.weight.layer_factors(idx), self.weight.network)
+        cache[idx] = (key, weight)
+        return weight
+
+    def clear_weight_cache(self) -> None:
+        """Drop the rebuilt weights kept for inference (they are rebuilt on demand)."""
+        self.__dict__["_weight_cache"] = {}
+        self.__dict__["_choice_cache"] = {}
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self.clear_weight_cache()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.clear_weight_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_weight_cache"] = {}
+        state["_choice_cache"] = {}
+        return state
 
     # ---- layers of a joint tensor -----------------------------------------------------
     def get_linear(self, indices: LayerIndex) -> SubFactorizedLinear:

@@ -1,0 +1,113 @@
+"""The contraction planner: compiled plans are exact, cached, and memory-bounded."""
+
+from __future__ import annotations
+
+import math
+
+import opt_einsum
+import pytest
+import torch
+
+import tensorfold
+from tensorfold import functional, plan
+from tensorfold.formats import get_format
+from tensorfold.functional import layer_program, reconstruct_weight
+from tensorfold.plan import batch_bucket, contraction_plan
+
+FORMATS = ["cp", "tucker", "tt", "ttm"]
+
+
+def _clear_caches() -> None:
+    contraction_plan.cache_clear()
+    layer_program.cache_clear()
+    functional._rebuild_plan.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        ("ab,bc->ac", ((3, 4), (4, 5))),
+        ("abc,cd,db->a", ((2, 3, 4), (4, 5), (5, 3))),
+        ("Zab,ac,bc->Zc", ((6, 2, 3), (2, 4), (3, 4))),  # hyperedge c kept
+        ("r,ar,br,cr->abc", ((5,), (2, 5), (3, 5), (4, 5))),  # CP-like, batch label r
+        ("Zab,xaby->Zx", ((3, 2, 2), (4, 2, 2, 1))),  # a label used once (summed)
+    ],
+)
+def test_compiled_plan_matches_einsum(equation: str, shapes) -> None:
+    gen = torch.Generator().manual_seed(0)
+    ops = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    got = contraction_plan(equation, shapes)(*ops)
+    torch.testing.assert_close(got, torch.einsum(equation, *ops))
+
+
+def test_batch_label_is_dynamic() -> None:
+    """A plan made for one batch bucket runs any row count."""
+    p = contraction_plan("Zab,bc->Zac", ((8, 3, 4), (4, 5)))
+    for rows in (1, 5, 8, 13):
+        x, w = torch.randn(rows, 3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+        torch.testing.assert_close(p(x, w), torch.einsum("Zab,bc->Zac", x, w))
+
+
+def test_plan_is_cached_not_replanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = opt_einsum.contract_path
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan.opt_einsum, "contract_path", counting)
+    _clear_caches()
+    layer = tensorfold.FactorizedLinear((4, 4), (4, 2), factorization="tt", rank=0.5, implementation="auto")
+    layer(torch.randn(5, 16))  # bucket 8
+    after_first = calls["n"]
+    assert after_first > 0
+    for rows in (5, 6, 7, 8):  # same bucket: nothing planned again
+        layer(torch.randn(rows, 16))
+    with torch.no_grad():
+        layer(torch.randn(6, 16))
+    assert calls["n"] == after_first
+    layer(torch.randn(9, 16))  # a new bucket plans once
+    assert calls["n"] > after_first
+    _clear_caches()
+
+
+def test_batch_bucket() -> None:
+    assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [1, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "in_modes, out_modes, rank",
+    [((4, 4), (4, 4), 0.5), ((2, 3, 4), (4, 3), 1.0), ((8, 8), (4, 4), 3.0)],
+)
+def test_reconstruction_bounded_by_weight(fmt: str, in_modes, out_modes, rank) -> None:
+    """No intermediate of the rebuild is larger than the weight (CP high rank: sliced)."""
+    layer = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=rank, dtype=torch.float64)
+    factors = layer.weight.layer_factors(())
+    shapes = tuple(tuple(f.shape) for f in factors)
+    numel = layer.in_features * layer.out_features
+    p = functional._rebuild_plan(layer.weight.network, shapes, "cpu", 8)
+    assert p.largest_intermediate <= numel
+    w = reconstruct_weight(factors, layer.weight.network)
+    ref = torch.einsum(layer.weight.network.weight_equation(), *factors).reshape(w.shape)
+    torch.testing.assert_close(w, ref)
+
+
+def test_cp_rank_above_min_side_is_sliced() -> None:
+    fmt = get_format("cp")
+    net = fmt.network_for(2, 2)
+    rank = 40  # > min(in, out) = 16
+    shapes = ((rank,), (4, rank), (4, rank), (4, rank), (4, rank))
+    p = contraction_plan(net.weight_equation(), shapes, 256)
+    assert p.slices is not None
+    assert p.largest_intermediate <= 256
+    gen = torch.Generator().manual_seed(1)
+    ops = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    torch.testing.assert_close(p(*ops), torch.einsum(net.weight_equation(), *ops))
+
+
+def test_forward_flops_reported() -> None:
+    p = contraction_plan("Za,ab->Zb", ((8, 3), (3, 5)))
+    assert p.flops == 2 * 8 * 3 * 5
+    assert math.isfinite(p.cost_s) and p.cost_s > 0
