@@ -100,4 +100,7 @@ def test_from_linear_of_half_precision_layer(fmt, dtype, device) -> None:
     x = torch.randn(5, 48, device=device, dtype=dtype)
     y = layer(x)
     assert y.dtype == dtype and torch.isfinite(y).all()
-    assert _rel(y, layer32(x.float())) < 0.02
+    # Storing the factors in the source dtype costs ~eps per factor; CP's many factors and
+    # cancelling rank-one terms make bf16 (eps 2^-8) the loosest case, at a few percent.
+    tolerance = 0.06 if dtype == torch.bfloat16 else 0.01
+    assert _rel(y, layer32(x.float())) < tolerance
