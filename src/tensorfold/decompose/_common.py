@@ -6,6 +6,7 @@ tensors behave the same, and rescales its result at the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from tensorfold.errors import DecompositionError, RankError
 
 __all__ = [
     "Prepared",
+    "balanced_split",
     "check_int_ranks",
     "lapack_thread",
     "complete_columns",
@@ -129,6 +131,15 @@ def prepare(
     x = x / amax
     inner = float(torch.linalg.vector_norm(x))
     return Prepared((x / inner).contiguous(), amax * inner, dtype)
+
+
+def balanced_split(shape: Sequence[int]) -> int:
+    """Number of leading modes whose size product is closest to ``sqrt(numel)`` (>= 1)."""
+    if len(shape) == 1:
+        return 1
+    logs = [math.log(d) for d in shape]
+    total = sum(logs)
+    return min(range(1, len(shape)), key=lambda k: abs(2 * sum(logs[:k]) - total))
 
 
 def make_generator(generator: torch.Generator | None) -> torch.Generator:

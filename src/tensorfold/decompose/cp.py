@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from tensorfold.decompose._common import (
+    balanced_split,
     lapack_thread,
     leading_left_singular,
     make_generator,
@@ -28,15 +29,6 @@ from tensorfold.decompose._common import (
 from tensorfold.errors import DecompositionError, RankError
 
 __all__ = ["cp_als"]
-
-
-def _split_modes(shape: Sequence[int]) -> int:
-    """Number of leading modes whose size product is closest to ``sqrt(numel)``."""
-    if len(shape) == 1:
-        return 1
-    logs = [math.log(d) for d in shape]
-    total = sum(logs)
-    return min(range(1, len(shape)), key=lambda k: abs(2 * sum(logs[:k]) - total))
 
 
 def _khatri_rao(mats: Sequence[torch.Tensor], rank: int, like: torch.Tensor) -> torch.Tensor:
@@ -139,7 +131,7 @@ def _als(
     """
     shape = list(x.shape)
     rank = factors[0].shape[1]
-    n_left = _split_modes(shape)
+    n_left = balanced_split(shape)
     left, right = list(range(n_left)), list(range(n_left, len(shape)))
     x_mat = x.reshape(math.prod(shape[:n_left]), -1)
     groups = [(left, right, x_mat), (right, left, x_mat.mT)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from tensorfold.decompose._common import (
+    balanced_split,
     check_int_ranks,
     complete_columns,
     lapack_thread,
@@ -28,18 +30,23 @@ def _mode_dot(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.movedim(torch.tensordot(x, m, dims=([mode], [0])), -1, mode)
 
 
-def _project_all_but(
-    x: torch.Tensor, factors: Sequence[torch.Tensor], skip: int | None
+def _project(
+    x: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int]
 ) -> torch.Tensor:
-    """``x`` with every mode but ``skip`` (all when None) projected onto its factor's columns."""
+    """Project ``x``'s ``modes`` onto the columns of ``factors[i]`` (one per listed mode)."""
     # Shrink the modes with the largest reduction first: later contractions get cheaper.
-    order = sorted(
-        (k for k in range(x.ndim) if k != skip),
-        key=lambda k: factors[k].shape[1] / factors[k].shape[0],
-    )
-    for k in order:
-        x = _mode_dot(x, factors[k], k)
+    order = sorted(range(len(modes)), key=lambda i: factors[i].shape[1] / factors[i].shape[0])
+    for i in order:
+        x = _mode_dot(x, factors[i], modes[i])
     return x
+
+
+def _kron(mats: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Kronecker product in C order of the modes: ``(prod d_k, prod r_k)``."""
+    out = like.new_ones(1, 1)
+    for m in mats:
+        out = torch.kron(out, m)
+    return out
 
 
 def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
@@ -126,29 +133,40 @@ def tucker_hooi(
                     u = torch.linalg.qr(randn((shape[k], r[k]), gen, x)).Q
             factors.append(u)
 
+        # T as a (left modes, right modes) matrix: projecting one group with a Kronecker
+        # product of its factors is one GEMM, shared by every mode of the other group.
+        n_left = balanced_split(shape)
+        left, right = list(range(n_left)), list(range(n_left, x.ndim))
+        x_mat = x.reshape(math.prod(shape[:n_left]), -1)
         floor = round_off_floor(prep.dtype)
         err_prev = None
         for _ in range(int(n_iter_max) if prep.norm > 0 else 0):
-            for k in range(x.ndim):
-                y = _project_all_but(x, factors, k)
-                factors[k], n_valid[k] = _subspace(y, k, r[k], gen)
-            core = _mode_dot(y, factors[-1], x.ndim - 1)
+            for group, other, mat in ((left, right, x_mat), (right, left, x_mat.mT)):
+                if not group:
+                    continue
+                z = mat @ _kron([factors[j] for j in other], x)
+                z = z.reshape([shape[j] for j in group] + [-1])
+                for pos, k in enumerate(group):
+                    rest = [i for i in range(len(group)) if i != pos]
+                    y = _project(z, [factors[group[i]] for i in rest], rest)
+                    factors[k], n_valid[k] = _subspace(y, pos, r[k], gen)
+            core = _mode_dot(y, factors[k], pos)
             # ||x - x_hat||^2 = 1 - ||core||^2 for orthonormal factors (cheap; only steers).
             err = max(0.0, 1.0 - float(torch.linalg.vector_norm(core)) ** 2) ** 0.5
             if err_prev is not None and (abs(err_prev - err) <= tol * err_prev or err < floor):
                 break
             err_prev = err
 
-        core = _project_all_but(x, factors, None)
+        k_left = _kron([factors[j] for j in left], x)
+        k_right = _kron([factors[j] for j in right], x)
+        core = (k_left.mT @ x_mat @ k_right).reshape(r)
         # Padding columns span directions the data does not have: make them contribute 0.
         for k in range(x.ndim):
             if n_valid[k] < r[k]:
                 core.narrow(k, n_valid[k], r[k] - n_valid[k]).zero_()
         if prep.norm > 0:
-            x_hat = core
-            for k in range(x.ndim):
-                x_hat = _mode_dot(x_hat, factors[k].mT, k)
-            err_out = float(torch.linalg.vector_norm(x - x_hat))
+            x_hat = k_left @ core.reshape(k_left.shape[1], -1) @ k_right.mT
+            err_out = float(torch.linalg.vector_norm(x_mat - x_hat))
         else:
             err_out = 0.0
         return (core * prep.norm).contiguous(), [f.contiguous() for f in factors], err_out
