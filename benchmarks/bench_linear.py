@@ -338,6 +338,16 @@ def memory_table(shape, batch, fractions, formats, device, dtype) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid, 2 repeats (smoke test)")
@@ -366,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     tltorch = None if args.no_tltorch else _tltorch()
     out_dir = Path(args.out)
 
+    meta = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores".strip()
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
+    }
     results: list[dict] = []
     cells = [(s, b) for s in shapes for b in batches]
     for (in_f, out_f), batch in tqdm(cells, desc="cells", unit="cell"):
@@ -397,14 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                     row[regime] = r
                 results.append(row)
         del cands
+        # Written after every cell, so a run cut short keeps what it measured.
+        atomic_write(out_dir / "results.json", json.dumps({"meta": meta, "results": results}, indent=1))
+        atomic_write(out_dir / "results.md", markdown(results, meta))
 
-    meta = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip()
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
-    }
     atomic_write(out_dir / "results.json", json.dumps({"meta": meta, "results": results}, indent=1))
     md = markdown(results, meta)
     atomic_write(out_dir / "results.md", md)

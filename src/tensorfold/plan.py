@@ -93,7 +93,7 @@ class CostModel:
     8) run far below the machine's peak. ``memory = read / read_rate + written / write_rate``;
     writing a fresh large tensor costs more than reading (page faults on CPU). A layout
     copy (a permute that ``reshape`` must materialise) reads and writes the operand.
-    Constants come from ``benchmarks/calibrate.py`` on the development machines.
+    Constants were fitted to timings on the development machines (benchmarks/RESULTS.md).
 
     Attributes:
         flop_rate: GEMM rate on large square shapes, FLOP/s.
@@ -123,11 +123,12 @@ class CostModel:
         return nbytes / self.read_rate + nbytes / self.write_rate + self.launch_s
 
 
-# 2-core x86 CPU, fp32, 2 threads (benchmarks/calibrate.py): ~1e11 FLOP/s on large GEMMs,
+# 2-core x86 CPU, fp32, 2 threads (single GEMM/copy timings): ~1e11 FLOP/s on large GEMMs,
 # ~15 GB/s reads, ~4 GB/s into freshly allocated memory, ~5 us per ATen call from Python.
 _CPU = CostModel(flop_rate=1.0e11, read_rate=1.5e10, write_rate=4.0e9, launch_s=5e-6, small_dim=12.0)
-# One H100-class GPU, bf16: tensor-core GEMM, HBM, Python dispatch + launch per kernel.
-_CUDA = CostModel(flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=1e-5, small_dim=64.0)
+# One H100, bf16: tensor-core GEMM, HBM; each compiled step (permute, reshape, mm, view) costs
+# ~50 us of host-side dispatch there (measured: the factorized chains ran ~8x a 60 us dense call).
+_CUDA = CostModel(flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=5e-5, small_dim=64.0)
 
 
 def cost_model(device_type: str) -> CostModel:
