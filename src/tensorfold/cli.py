@@ -1,0 +1,161 @@
+"""The ``tensorfold`` command.
+
+``tensorfold compress MODEL_DIR --budget 0.5 [--factorization auto] --out DIR`` compresses a
+local Hugging Face or sentence-transformers model directory, calibrated on English text that
+ships with Python, and writes the converted weights, a per-layer report and a plot.
+``tensorfold demo`` does the same on the bundled all-MiniLM-L6-v2 (optional ``demo`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _plot(report: Any, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [lp.name.replace("0.model.encoder.layer.", "L").replace("encoder.layer.", "L")
+             .replace("attention.", "att.") for lp in report.layers]
+    x = range(len(names))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.3 * len(names)), 7), sharex=True)
+    ax1.bar(x, [lp.error for lp in report.layers], color="tab:red")
+    ax1.set_ylabel("calibrated relative\noutput error")
+    ax1.set_title(title)
+    ax2.bar(x, [lp.share for lp in report.layers], color="tab:blue")
+    ax2.axhline(report.kept, color="k", lw=0.8, ls="--", label=f"overall {report.kept:.3f}")
+    ax2.set_ylabel("parameter share kept")
+    ax2.legend(loc="upper right")
+    ax2.set_xticks(list(x))
+    ax2.set_xticklabels(names, rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_outputs(out: Path, report: Any, fid: Any, extra: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.txt").write_text(str(report) + "\n" + (f"fidelity: {fid}\n" if fid else ""))
+    rows = [{"name": lp.name, "factorization": lp.factorization, "in_modes": lp.in_modes,
+             "out_modes": lp.out_modes, "rank": lp.rank, "params_before": lp.params_before,
+             "params_after": lp.params_after, "error": None if math.isnan(lp.error) else lp.error,
+             "candidates": lp.candidates} for lp in report.layers]
+    summary = {"budget": report.budget, "factorization": report.factorization, "kept": report.kept,
+               "params_before": report.params_before, "params_after": report.params_after,
+               "seconds": report.seconds, "layers": rows, **extra}
+    if fid is not None:
+        summary.update(mean_cosine=fid.mean_cosine, min_cosine=fid.min_cosine, knn_agreement=fid.knn_agreement)
+    (out / "report.json").write_text(json.dumps(summary, indent=1, default=list))
+    _plot(report, out / "layers.png", f"{report.factorization}, {100 * report.kept:.1f}% of linear parameters")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .convert import core, distill as distill_mod, io
+    from .convert import demo
+    from .errors import TensorfoldError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        print(f"tensorfold compress: MODEL_DIR={str(model_dir)!r} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print(f"tensorfold compress: needs sentence-transformers; {demo.DEMO_INSTALL}", file=sys.stderr)
+        return 2
+    teacher = SentenceTransformer(str(model_dir), device="cpu").eval()
+    from .convert.corpus import calibration_and_evaluation_sentences
+
+    cal, ev = calibration_and_evaluation_sentences(args.calibration_sentences, args.evaluation_sentences)
+    cal_b, ev_b = demo.batches_for(teacher, cal), demo.batches_for(teacher, ev)
+    ref = demo.embed(teacher, ev_b)
+    student = copy.deepcopy(teacher)
+    start = time.perf_counter()
+    try:
+        report = core.tensorize(student, budget=args.budget, factorization=args.factorization,
+                                targets=args.targets, exclude=args.exclude, calibration=cal_b,
+                                refine_steps=args.refine_steps, progress=not args.no_progress)
+        if args.distill_steps > 0:
+            distill_mod.distill(student, teacher, cal_b, steps=args.distill_steps, lr=args.lr,
+                                loss_fn=demo.token_loss, progress=not args.no_progress)
+    except TensorfoldError as exc:
+        print(f"tensorfold compress: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    report.seconds = time.perf_counter() - start
+    fid = demo.fidelity(demo.embed(student, ev_b), ref)
+    print(report)
+    print(f"linear parameters kept: {report.params_after:,} of {report.params_before:,} "
+          f"({100 * report.kept:.1f}%)")
+    print(f"time taken (calibration + fitting + distillation): {report.seconds:.0f} s")
+    print(f"fidelity on {len(ev)} held-out sentences: {fid}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = io.save(student, out / "model.safetensors")
+        _write_outputs(out, report, fid, {"model_dir": str(model_dir), "distill_steps": args.distill_steps})
+        print(f"wrote {path}, {out / 'report.txt'}, {out / 'report.json'}, {out / 'layers.png'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .convert import demo
+
+    try:
+        model_dir = demo.model_directory()
+        import sentence_transformers  # noqa: F401
+    except (demo.DemoUnavailable, ImportError) as exc:
+        print(f"tensorfold demo: {demo.DEMO_INSTALL}" if isinstance(exc, ImportError) else f"tensorfold demo: {exc}",
+              file=sys.stderr)
+        return 2
+    print(f"tensorfold demo: all-MiniLM-L6-v2 from {model_dir}, all 36 encoder linear layers, "
+          f"budget {args.budget}, factorization {args.factorization!r}, {os.cpu_count()} CPU cores")
+    args.model_dir = model_dir
+    args.targets, args.exclude = [demo.ENCODER_TARGETS], None
+    return _compress(args)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, default=0.5, help="fraction of the linear parameters to keep")
+    p.add_argument("--factorization", default="tt", help="cp, tucker, tt, ttm or auto (default tt)")
+    p.add_argument("--distill-steps", type=int, default=300, help="end-to-end refinement steps (0: none)")
+    p.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
+    p.add_argument("--refine-steps", type=int, default=50, help="L-BFGS steps of the layer-wise refinement")
+    p.add_argument("--calibration-sentences", type=int, default=1024)
+    p.add_argument("--evaluation-sentences", type=int, default=512)
+    p.add_argument("--out", default=None, help="directory for model.safetensors, report.{txt,json}, layers.png")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tensorfold", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compress", help="compress a local sentence-transformers / Hugging Face model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--targets", nargs="*", default=None, help="glob patterns of module names to convert")
+    p.add_argument("--exclude", nargs="*", default=None, help="glob patterns of module names to leave dense")
+    _add_common(p)
+    p.set_defaults(func=_compress)
+    d = sub.add_parser("demo", help="compress the bundled all-MiniLM-L6-v2 (needs the 'demo' extra)")
+    _add_common(d)
+    d.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Recording the input statistics of linear layers on calibration inputs.
+
+For a layer ``y = W x + b`` we accumulate, in float64, over every calibration token:
+``C = sum x_c x_c^T`` (inputs of the layer in the model being compressed) and
+``M = sum x_o x_c^T`` (the original model's input times the compressed model's input).
+The output error of a replacement ``W_hat`` fed the compressed model's inputs, against the
+original layer fed the original inputs, is then
+``sum ||W x_o - W_hat x_c||^2 = tr(W_hat C W_hat^T) - 2 tr(W M W_hat^T) + const``,
+so no activation is ever stored. When both models are the same, ``M = C`` and this is the
+familiar ``||(W - W_hat) C^{1/2}||_F^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._util import ForwardFn, call_model
+
+
+@dataclass
+class LayerStats:
+    """Second moments of one layer's inputs (float64, ``(in, in)``)."""
+
+    cov: Tensor  # sum x_c x_c^T
+    cross: Tensor  # sum x_o x_c^T
+    tokens: int
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    # The product is one float32 GEMM per batch (fast); the running sum is float64.
+    prod = (a.T @ b).double()
+    return prod if acc is None else acc.add_(prod)
+
+
+@torch.no_grad()
+def record_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    forward: ForwardFn = call_model,
+    original: nn.Module | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, LayerStats]:
+    """Accumulate :class:`LayerStats` for the named ``nn.Linear``-like modules.
+
+    Args:
+        model: the model whose layers' inputs are recorded (``x_c``).
+        names: module names in ``model`` (and in ``original`` when given).
+        batches: calibration inputs, each passed to ``forward(model, batch)``.
+        forward: how to call the model on one batch.
+        original: when given, the same model before compression (``x_o``); otherwise
+            ``x_o = x_c``. The forward passes stop right after the last named layer.
+        on_batch: called after each batch (progress bars).
+
+    Returns:
+        ``{name: LayerStats}`` for the named modules that ran (unused ones are left out).
+    """
+    wanted = set(names)
+    cov: dict[str, Tensor | None] = dict.fromkeys(names)
+    cross: dict[str, Tensor | None] = dict.fromkeys(names)
+    tokens = dict.fromkeys(names, 0)
+    seen_o: set[str] = set()
+    seen_c: set[str] = set()
+    buf: dict[str, Tensor] = {}
+    handles = []
+
+    def hook_o(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            buf[name] = _flat(args[0])
+            seen_o.add(name)
+            if seen_o == wanted:
+                raise _Stop
+
+        return fn
+
+    def hook_c(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = _flat(args[0])
+            cov[name] = _accumulate(cov[name], x, x)
+            if original is not None:
+                cross[name] = _accumulate(cross[name], buf.pop(name), x)
+            tokens[name] += x.shape[0]
+            seen_c.add(name)
+            if seen_c == wanted:
+                raise _Stop
+
+        return fn
+
+    try:
+        for name in names:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook_c(name)))
+            if original is not None:
+                handles.append(original.get_submodule(name).register_forward_pre_hook(hook_o(name)))
+        for batch in batches:
+            if original is not None:
+                seen_o.clear()
+                try:
+                    forward(original, batch)
+                except _Stop:
+                    pass
+            seen_c.clear()
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+            buf.clear()
+            if on_batch is not None:
+                on_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in names:
+        c = cov[name]
+        if c is None:  # never called on the calibration inputs: no statistics
+            continue
+        out[name] = LayerStats(c, c if original is None else cross[name], tokens[name])  # type: ignore[arg-type]
+    return out
+
+
+@torch.no_grad()
+def input_groups(
+    model: nn.Module, names: Sequence[str], batch: Any, forward: ForwardFn = call_model
+) -> list[list[str]]:
+    """Named modules in the order they first run, grouped when they read the same input tensor.
+
+    Layers in one group (e.g. query/key/value) can be calibrated in one sequential pass.
+    Modules never called on ``batch`` are left out.
+    """
+    order: list[tuple[str, Tensor]] = []
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if all(n != name for n, _ in order):
+                order.append((name, args[0]))  # kept alive, so identity is meaningful
+
+        return fn
+
+    try:
+        for name in names:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last: Any = None
+    for name, x in order:
+        if groups and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    return groups

@@ -1,0 +1,517 @@
+"""Whole-model conversion: plan, tensorize, revert.
+
+``plan`` decides, changing nothing, which ``nn.Linear`` modules are replaced and by what
+(format, tensorized shape, resolved rank, parameters). ``tensorize`` fits every replacement
+(data-aware when calibration inputs are given) on a private copy of the model, and only
+when all of them are built swaps them into the model, so a failure leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConversionError, TensorfoldError
+from ..formats import get_format
+from ..nn import FactorizedLinear
+from ..shapes import tensorized_shape
+from ._util import ForwardFn, as_batches, call_model, match_modules, output_tensor, set_module
+from .calibrate import LayerStats, input_groups, record_stats
+from .fit import WhitenedProblem, fit_weight, whitened_problem
+
+__all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan", "tensorize", "revert"]
+
+FORMATS = ("cp", "tucker", "tt", "ttm")
+# Modes per side when the user gives none. Fewer modes are more expressive for trained
+# weights: one mode makes CP and TT a low-rank matrix factorisation (TT's bond is the
+# matrix rank); TT-matrix needs two to compress at all; Tucker with one mode caps the
+# matrix rank at its smaller core rank, two modes spend the budget better.
+DEFAULT_MODES = {"cp": 1, "tt": 1, "tucker": 2, "ttm": 2}
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one ``nn.Linear``."""
+
+    name: str
+    in_features: int
+    out_features: int
+    factorization: str
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    rank: Any
+    params_before: int
+    params_after: int
+    bias: bool
+    sensitivity: float = float("nan")
+    error: float = float("nan")  # relative calibrated output error of the fit
+    candidates: dict[str, float] = field(default_factory=dict)  # 'auto': error per format
+
+    @property
+    def share(self) -> float:
+        return self.params_after / self.params_before
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+@dataclass
+class ConversionPlan:
+    """The printable result of :func:`plan`; :func:`tensorize` applies it."""
+
+    layers: list[LayerPlan]
+    budget: float | None
+    factorization: str
+    data_aware: bool
+
+    @property
+    def params_before(self) -> int:
+        return sum(lp.params_before for lp in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(lp.params_after for lp in self.layers)
+
+    @property
+    def kept(self) -> float:
+        return self.params_after / max(1, self.params_before)
+
+    def rows(self) -> list[list[str]]:
+        return [
+            [lp.name, lp.factorization, f"{lp.out_modes}x{lp.in_modes}", str(lp.rank),
+             f"{lp.params_before:,}", f"{lp.params_after:,}", f"{lp.share:.3f}",
+             "" if math.isnan(lp.error) else f"{lp.error:.4f}"]
+            for lp in self.layers
+        ]
+
+    def __str__(self) -> str:
+        head = (f"tensorfold plan: {len(self.layers)} linear layers, factorization={self.factorization!r}, "
+                f"budget={self.budget}, data-aware={self.data_aware}")
+        body = _table(self.rows(), ["module", "format", "modes (out x in)", "rank", "params before",
+                                    "params after", "kept", "calib. error"])
+        foot = (f"linear parameters: {self.params_before:,} -> {self.params_after:,} "
+                f"({100 * self.kept:.1f}% kept)")
+        return "\n".join([head, body, foot])
+
+
+@dataclass
+class ConversionReport(ConversionPlan):
+    """The plan as applied, with per-layer calibrated errors and the time taken."""
+
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return super().__str__().replace("tensorfold plan:", "tensorfold report:", 1) + (
+            f"\ntime: {self.seconds:.1f} s"
+        )
+
+
+# ---- argument checks -----------------------------------------------------------------------
+def _check_budget(budget: object) -> float | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < float(budget) <= 1:
+        raise ConversionError(f"budget={budget!r} must be a float in (0, 1]: the fraction of the matched "
+                              "linear parameters to keep")
+    return float(budget)
+
+
+def _check_factorization(factorization: object) -> str:
+    if not isinstance(factorization, str):
+        raise ConversionError(f"factorization={factorization!r} must be one of {FORMATS} or 'auto'")
+    if factorization.lower() == "auto":
+        return "auto"
+    try:
+        return get_format(factorization).name
+    except TensorfoldError as exc:
+        raise ConversionError(f"factorization={factorization!r} is not known: {exc}; "
+                              f"use one of {FORMATS} or 'auto'") from exc
+
+
+def _modes_for(fmt: str, in_f: int, out_f: int, n_modes: int | dict[str, int] | None) -> tuple[
+        tuple[int, ...], tuple[int, ...]]:
+    order = n_modes.get(fmt, DEFAULT_MODES[fmt]) if isinstance(n_modes, dict) else (n_modes or DEFAULT_MODES[fmt])
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ConversionError(f"n_tensorized_modes={n_modes!r} must be a positive int (or a dict format -> int)")
+    return tensorized_shape(in_f, out_f, order)
+
+
+def _layer_plan(name: str, linear: nn.Linear, fmt: str, share: float, n_modes: Any) -> LayerPlan:
+    in_modes, out_modes = _modes_for(fmt, linear.in_features, linear.out_features, n_modes)
+    cls = get_format(fmt)
+    dense = linear.in_features * linear.out_features
+    rank = cls.resolve_rank(float(min(share, 1.0)), out_modes, in_modes)
+    after = cls.count_parameters(rank, out_modes, in_modes)
+    return LayerPlan(name, linear.in_features, linear.out_features, fmt, in_modes, out_modes, rank,
+                     dense, after, linear.bias is not None)
+
+
+# ---- rank allocation -----------------------------------------------------------------------
+@torch.no_grad()
+def _sensitivities(
+    model: nn.Module, names: Sequence[str], problems: dict[str, WhitenedProblem], share: float,
+    batches: Sequence[Any], forward: ForwardFn, output_fn: Callable[[Any], Tensor],
+    tick: Callable[[], None],
+) -> dict[str, float]:
+    """End-to-end output distortion when only one layer is replaced by its optimal whitened
+    matrix at the uniform share, divided by that layer's own relative squared error."""
+    refs = [output_fn(forward(model, b)).float() for b in batches]
+    out: dict[str, float] = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        p = problems[name]
+        k = max(1, int(share * lin.in_features * lin.out_features / (lin.in_features + lin.out_features)))
+        delta = (p.low_rank(k) - p.weight).to(lin.weight.dtype)
+        handle = lin.register_forward_hook(lambda m, a, y, d=delta: y + F.linear(a[0], d))
+        try:
+            num = den = 0.0
+            for b, ref in zip(batches, refs):
+                y = output_fn(forward(model, b)).float()
+                num += float((y - ref).square().sum())
+                den += float(ref.square().sum())
+        finally:
+            handle.remove()
+        s2 = p.spectrum()
+        rel = float(s2[k:].sum()) / max(float(s2.sum()), 1e-300)
+        out[name] = (num / max(den, 1e-300)) / max(rel, 1e-12)
+        tick()
+    return out
+
+
+def _allocate(
+    linears: dict[str, nn.Linear], problems: dict[str, WhitenedProblem], weights: dict[str, float],
+    budget: float,
+) -> dict[str, float]:
+    """Shares per layer from the whitened spectra: rank-one terms are kept greedily by
+    (weighted output error they remove) / (parameters they cost) until the budget is spent.
+    Greedy is optimal here because each layer's gains are non-increasing."""
+    total = sum(lin.in_features * lin.out_features for lin in linears.values())
+    items: list[tuple[float, str]] = []
+    ranks: dict[str, int] = {}
+    spent = 0
+    for name, lin in linears.items():
+        cost = lin.in_features + lin.out_features
+        s2 = problems[name].spectrum()
+        gains = (weights[name] * s2 / max(float(s2.sum()), 1e-300) / cost).tolist()
+        cap = max(1, (lin.in_features * lin.out_features) // cost)
+        ranks[name] = 1
+        spent += cost
+        items += [(g, name) for g in gains[1:cap]]
+    items.sort(key=lambda t: -t[0])
+    for _, name in items:
+        lin = linears[name]
+        cost = lin.in_features + lin.out_features
+        if spent + cost > budget * total:
+            break
+        spent += cost
+        ranks[name] += 1
+    return {n: ranks[n] * (lin.in_features + lin.out_features) / (lin.in_features * lin.out_features)
+            for n, lin in linears.items()}
+
+
+def _fit_budget(layers: list[LayerPlan], shares: dict[str, float], linears: dict[str, nn.Linear],
+                budget: float, n_modes: Any) -> list[LayerPlan]:
+    """Resolve each layer's rank from its share, then rescale shares until the total lands
+    within 2% of the budget (formats resolve ranks in coarse steps)."""
+    target = budget * sum(lp.params_before for lp in layers)
+    scale = 1.0
+    for _ in range(8):
+        layers = [_layer_plan(lp.name, linears[lp.name], lp.factorization, shares[lp.name] * scale, n_modes)
+                  for lp in layers]
+        total = sum(lp.params_after for lp in layers)
+        if abs(total - target) <= 0.015 * target:
+            break
+        scale *= target / max(total, 1)
+    # Small layers resolve ranks in coarse steps: nudge single layers up or down while that
+    # brings the total closer to the target.
+    for _ in range(4 * len(layers)):
+        total = sum(lp.params_after for lp in layers)
+        if abs(total - target) <= 0.01 * target:
+            break
+        best = None
+        for i, lp in enumerate(layers):
+            for factor in (1.03, 1.1, 1.25, 1 / 1.03, 1 / 1.1, 1 / 1.25):
+                cand = _layer_plan(lp.name, linears[lp.name], lp.factorization, lp.share * factor, n_modes)
+                gap = abs(total - lp.params_after + cand.params_after - target)
+                if cand.params_after != lp.params_after and (best is None or gap < best[0]):
+                    best = (gap, i, cand)
+                    break
+        if best is None or best[0] >= abs(total - target):
+            break
+        layers[best[1]] = best[2]
+    return layers
+
+
+# ---- public API ----------------------------------------------------------------------------
+def plan(
+    model: nn.Module,
+    budget: float | None = 0.5,
+    factorization: str = "tt",
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration: Iterable[Any] | None = None,
+    rank: Any = None,
+    n_tensorized_modes: int | dict[str, int] | None = None,
+    allocation: str = "global",
+    forward: ForwardFn = call_model,
+    output_fn: Callable[[Any], Tensor] = output_tensor,
+    progress: bool = False,
+    _stats: dict[str, LayerStats] | None = None,
+) -> ConversionPlan:
+    """Decide, changing nothing, how each matched ``nn.Linear`` is factorized.
+
+    Args:
+        model: any module; its ``nn.Linear`` submodules (exact type) are candidates.
+        budget: fraction in (0, 1] of the matched layers' weight parameters to keep, met
+            within 2% overall. ``None`` uses ``rank`` for every layer instead.
+        factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or ``'auto'`` (per layer the
+            format with the lowest calibrated error at the layer's allocated size).
+        targets: glob pattern(s) on full module names (``fnmatch``; ``*`` crosses dots);
+            ``None`` matches every ``nn.Linear``.
+        exclude: glob pattern(s); matching modules are never converted.
+        calibration: iterable of model inputs. With it, ranks are allocated from each
+            layer's *whitened* spectrum weighted by its measured end-to-end sensitivity;
+            without it, from the spectrum of the weights.
+        rank: with ``budget=None``, the rank given to every layer (any ``FactorizedLinear``
+            rank: ``'same'``, a fraction, an int or a tuple).
+        n_tensorized_modes: modes per side (int, or dict format -> int); default one per
+            side for 'cp'/'tt' (a low-rank matrix), two for 'tucker'/'ttm'.
+        allocation: ``'global'`` (rank allocation across layers) or ``'uniform'`` (every
+            layer keeps ``budget`` of its parameters).
+        forward: ``forward(model, batch)`` runs the model on one calibration batch.
+        output_fn: maps the model's output to the tensor whose distortion is measured.
+        progress: show tqdm bars.
+
+    Returns:
+        A :class:`ConversionPlan` (print it for a table).
+
+    Example:
+        >>> import torch, tensorfold
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> p = tensorfold.plan(net, budget=0.5, targets="0")
+        >>> [lp.name for lp in p.layers], round(p.kept, 1)
+        (['0'], 0.5)
+    """
+    budget = _check_budget(budget)
+    fmt = _check_factorization(factorization)
+    if allocation not in ("global", "uniform"):
+        raise ConversionError(f"allocation={allocation!r} must be 'global' or 'uniform'")
+    if budget is None and rank is None:
+        raise ConversionError("give budget= (a fraction of the linear parameters) or rank= (per layer)")
+    names = match_modules(model, targets, exclude)
+    if not names:
+        raise ConversionError(
+            f"no nn.Linear module matches targets={targets!r} exclude={exclude!r}; the model's linear "
+            f"modules are {[n for n, m in model.named_modules() if type(m) is nn.Linear][:8]}"
+        )
+    linears = {n: model.get_submodule(n) for n in names}
+    for n, lin in linears.items():
+        if lin.weight.dim() != 2 or not lin.weight.is_floating_point():
+            raise ConversionError(f"module {n!r} has a weight of shape {tuple(lin.weight.shape)} and dtype "
+                                  f"{lin.weight.dtype}: only floating-point nn.Linear can be converted")
+    batches = as_batches(calibration)
+    formats = list(FORMATS) if fmt == "auto" else [fmt]
+    base_fmt = formats[0] if fmt != "auto" else "tt"
+
+    from tqdm.auto import tqdm
+
+    if budget is None:
+        layers = []
+        for n, lin in linears.items():
+            in_modes, out_modes = _modes_for(base_fmt, lin.in_features, lin.out_features, n_tensorized_modes)
+            cls = get_format(base_fmt)
+            r = cls.resolve_rank(rank, out_modes, in_modes)
+            layers.append(LayerPlan(n, lin.in_features, lin.out_features, base_fmt, in_modes, out_modes, r,
+                                    lin.in_features * lin.out_features,
+                                    cls.count_parameters(r, out_modes, in_modes), lin.bias is not None))
+        return ConversionPlan(layers, None, fmt, batches is not None)
+
+    stats = _stats
+    if batches is not None and stats is None:
+        bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
+        stats = record_stats(model, names, batches, forward, on_batch=bar.update)
+        bar.close()
+    problems = {n: whitened_problem(linears[n].weight, stats.get(n) if stats else None) for n in names}
+    if allocation == "uniform":
+        shares = dict.fromkeys(names, budget)
+        sens = dict.fromkeys(names, float("nan"))
+    else:
+        if batches is not None:
+            probe = batches[: max(1, min(len(batches), 2))]
+            bar = tqdm(total=len(names), desc="sensitivity", disable=not progress, leave=False)
+            sens = _sensitivities(model, names, problems, budget, probe, forward, output_fn, bar.update)
+            bar.close()
+        else:
+            sens = dict.fromkeys(names, 1.0)
+        shares = _allocate(linears, problems, sens, budget)
+    layers = [_layer_plan(n, linears[n], base_fmt, shares[n], n_tensorized_modes) for n in names]
+    layers = _fit_budget(layers, shares, linears, budget, n_tensorized_modes)
+    for lp in layers:
+        lp.sensitivity = sens[lp.name]
+    if fmt == "auto":
+        bar = tqdm(total=len(names) * len(formats), desc="choosing formats", disable=not progress, leave=False)
+        chosen = []
+        for lp in layers:
+            best: LayerPlan | None = None
+            for f in formats:
+                cand = _layer_plan(lp.name, linears[lp.name], f, lp.share, n_tensorized_modes)
+                layer = FactorizedLinear(cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank)
+                cand.error = fit_weight(layer.weight, problems[lp.name], refine_steps=0,
+                                        data_aware=batches is not None)
+                lp.candidates[f] = cand.error
+                if best is None or cand.error < best.error - 1e-9:
+                    best = cand
+                bar.update()
+            assert best is not None
+            best.candidates, best.sensitivity = lp.candidates, lp.sensitivity
+            chosen.append(best)
+        bar.close()
+        layers = chosen
+    result = ConversionPlan(layers, budget, fmt, batches is not None)
+    total = result.params_after
+    if abs(total - budget * result.params_before) > 0.02 * budget * result.params_before:
+        raise ConversionError(
+            f"cannot meet budget={budget} within 2%: the formats resolve to {total:,} of "
+            f"{result.params_before:,} parameters ({result.kept:.3f}); try another factorization or budget"
+        )
+    return result
+
+
+def _build(lp: LayerPlan, linear: nn.Linear, implementation: str) -> FactorizedLinear:
+    layer = FactorizedLinear(lp.in_modes, lp.out_modes, bias=lp.bias, factorization=lp.factorization,
+                             rank=lp.rank, implementation=implementation,
+                             device=linear.weight.device, dtype=linear.weight.dtype)
+    if lp.bias:
+        with torch.no_grad():
+            layer.bias.copy_(linear.bias)
+    return layer
+
+
+def tensorize(
+    model: nn.Module,
+    budget: float | None = 0.5,
+    factorization: str = "tt",
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration: Iterable[Any] | None = None,
+    rank: Any = None,
+    n_tensorized_modes: int | dict[str, int] | None = None,
+    allocation: str = "global",
+    sequential: bool = True,
+    refine_steps: int = 50,
+    implementation: str = "auto",
+    forward: ForwardFn = call_model,
+    output_fn: Callable[[Any], Tensor] = output_tensor,
+    progress: bool = True,
+    plan_: ConversionPlan | None = None,
+) -> ConversionReport:
+    """Replace the matched ``nn.Linear`` modules of ``model`` in place by ``FactorizedLinear``.
+
+    Args are those of :func:`plan`, plus:
+        sequential: with calibration, fit each layer against the inputs it sees in the
+            partly compressed model (and the original layer's outputs), so later layers
+            correct earlier errors. One calibration pass per group of layers sharing an input.
+        refine_steps: L-BFGS iterations of the layer-wise refinement (formats that cannot hold
+            the optimal whitened low-rank matrix exactly).
+        implementation: forward implementation of the new layers.
+        plan_: a plan from :func:`plan` to apply as is.
+
+    Returns:
+        A :class:`ConversionReport`. On any error the model is left as it was.
+
+    Example:
+        >>> import torch, tensorfold
+        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> report = tensorfold.tensorize(net, budget=0.5, progress=False)
+        >>> type(net[0]).__name__
+        'FactorizedLinear'
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    batches = as_batches(calibration)
+    stats = None
+    if plan_ is None:
+        names = match_modules(model, targets, exclude)
+        if batches is not None and names:
+            bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
+            stats = record_stats(model, names, batches, forward, on_batch=bar.update)
+            bar.close()
+        plan_ = plan(model, budget, factorization, targets, exclude, batches, rank, n_tensorized_modes,
+                     allocation, forward, output_fn, progress, _stats=stats)
+    layers = [copy.copy(lp) for lp in plan_.layers]
+    linears = {lp.name: model.get_submodule(lp.name) for lp in layers}
+    for lp in layers:
+        lin = linears[lp.name]
+        if type(lin) is not nn.Linear or (lin.in_features, lin.out_features) != (lp.in_features, lp.out_features):
+            raise ConversionError(f"plan does not fit the model: module {lp.name!r} is {lin!r}, the plan expects "
+                                  f"nn.Linear({lp.in_features}, {lp.out_features})")
+    built: dict[str, FactorizedLinear] = {}
+    bar = tqdm(total=len(layers), desc="fitting layers", disable=not progress, leave=False)
+    by_name = {lp.name: lp for lp in layers}
+    if batches is not None and sequential:
+        # Fit on a private copy: the copy is converted group by group and recalibrated.
+        try:
+            work = copy.deepcopy(model)
+        except Exception as exc:  # pragma: no cover - exotic modules
+            raise ConversionError(f"cannot copy the model for sequential calibration ({exc}); "
+                                  "pass sequential=False") from exc
+        groups = input_groups(model, list(by_name), batches[0], forward)
+        missing = set(by_name) - {n for g in groups for n in g}
+        groups += [[n] for n in by_name if n in missing]
+        for group in groups:
+            gstats = record_stats(work, group, batches, forward, original=model)
+            for name in group:
+                lp = by_name[name]
+                layer = _build(lp, linears[name], implementation)
+                problem = whitened_problem(linears[name].weight, gstats.get(name))
+                lp.error = fit_weight(layer.weight, problem, refine_steps)
+                built[name] = layer
+                set_module(work, name, copy.deepcopy(layer))
+                bar.update()
+        del work
+    else:
+        if batches is not None and stats is None:
+            stats = record_stats(model, list(by_name), batches, forward)
+        for lp in layers:
+            layer = _build(lp, linears[lp.name], implementation)
+            problem = whitened_problem(linears[lp.name].weight, stats.get(lp.name) if stats else None)
+            lp.error = fit_weight(layer.weight, problem, refine_steps, data_aware=stats is not None)
+            built[lp.name] = layer
+            bar.update()
+    bar.close()
+    for name, layer in built.items():  # all replacements exist: now swap (cannot fail)
+        set_module(model, name, layer)
+    return ConversionReport(layers, plan_.budget, plan_.factorization, plan_.data_aware,
+                            seconds=time.perf_counter() - start)
+
+
+def revert(model: nn.Module) -> int:
+    """Replace every ``FactorizedLinear`` in ``model`` by an equivalent dense ``nn.Linear``.
+
+    Returns:
+        The number of modules reverted.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n]
+    dense = {}
+    for n in names:
+        layer = model.get_submodule(n)
+        if layer.layer_shape:
+            raise ConversionError(f"module {n!r} holds n_layers={layer.n_layers}; revert handles single layers")
+        dense[n] = layer.to_linear()
+    for n, lin in dense.items():
+        set_module(model, n, lin)
+    return len(names)

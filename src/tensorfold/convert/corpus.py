@@ -1,0 +1,119 @@
+"""Real English sentences assembled offline, for calibration and evaluation.
+
+The text comes from documentation that ships with every CPython install: the language
+reference topics in :mod:`pydoc_data.topics` and the docstrings of a fixed list of standard-library
+modules. Nothing is downloaded. Sentences are cleaned (code, markup and tables dropped), deduplicated
+and split deterministically into disjoint calibration and evaluation sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import re
+
+__all__ = ["english_sentences", "calibration_and_evaluation_sentences"]
+
+# Standard-library modules with prose docstrings; importing them has no side effects.
+_STDLIB_MODULES: tuple[str, ...] = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs",
+    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "datetime",
+    "decimal", "difflib", "email", "enum", "fractions", "functools", "gettext", "glob", "gzip",
+    "hashlib", "heapq", "hmac", "html", "http.client", "http.server", "imaplib", "importlib",
+    "inspect", "io", "ipaddress", "itertools", "json", "logging", "lzma", "mailbox", "math",
+    "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pickle",
+    "pkgutil", "platform", "pprint", "queue", "random", "re", "sched", "secrets", "selectors",
+    "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics",
+    "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
+    "tokenize", "trace", "traceback", "types", "typing", "unittest", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree",
+    "zipfile", "zlib",
+)
+
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_CODE_HINTS = re.compile(r"(>>>|::|\{|\}|==|\[|\]|\\|__|\w\(|\w\.\w+\(|->|=|\*\*|`|\|)")
+_WORD = re.compile(r"[A-Za-z][a-z]+")
+
+
+def _clean(text: str) -> list[str]:
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.splitlines()]
+        if not lines or any(ln.startswith((">>>", "...", "*", "-", "+", "|", "=")) for ln in lines):
+            continue
+        flat = " ".join(ln for ln in lines if ln)
+        for sent in _SPLIT.split(flat):
+            sent = sent.strip()
+            words = sent.split()
+            if not 8 <= len(words) <= 40 or not sent[0].isupper() or sent[-1] not in ".!?":
+                continue
+            if _CODE_HINTS.search(sent):
+                continue
+            if len(_WORD.findall(sent)) < 0.75 * len(words):
+                continue
+            out.append(sent)
+    return out
+
+
+def english_sentences() -> list[str]:
+    """Every cleaned, unique English sentence found in the bundled Python documentation.
+
+    Returns:
+        Sentences in a deterministic order (sorted by a hash of their text).
+    """
+    texts: list[str] = []
+    try:
+        from pydoc_data.topics import topics
+
+        texts.extend(topics[k] for k in sorted(topics))
+    except ImportError:  # pragma: no cover - pydoc_data is part of CPython
+        pass
+    for name in _STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # pragma: no cover - optional stdlib parts (e.g. no _ssl)
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
+                obj, "__module__", None
+            ) == mod.__name__:
+                docs.append(inspect.getdoc(obj) or "")
+        texts.extend(docs)
+    seen: set[str] = set()
+    sentences: list[str] = []
+    for text in texts:
+        for sent in _clean(text):
+            key = sent.lower()
+            if key not in seen:
+                seen.add(key)
+                sentences.append(sent)
+    sentences.sort(key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    return sentences
+
+
+def calibration_and_evaluation_sentences(
+    n_calibration: int = 512, n_evaluation: int = 512
+) -> tuple[list[str], list[str]]:
+    """Two disjoint sets of English sentences.
+
+    Args:
+        n_calibration: number of calibration sentences.
+        n_evaluation: number of evaluation sentences (taken from a different part of the pool).
+
+    Returns:
+        ``(calibration, evaluation)``; no sentence appears in both.
+
+    Example:
+        >>> cal, ev = calibration_and_evaluation_sentences(8, 8)
+        >>> len(cal), len(ev), bool(set(cal) & set(ev))
+        (8, 8, False)
+    """
+    pool = english_sentences()
+    if n_calibration + n_evaluation > len(pool):
+        raise ValueError(
+            f"n_calibration + n_evaluation = {n_calibration + n_evaluation}, but only "
+            f"{len(pool)} distinct sentences are available offline"
+        )
+    return pool[:n_calibration], pool[len(pool) - n_evaluation :]

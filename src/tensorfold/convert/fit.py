@@ -1,0 +1,195 @@
+"""Data-aware fitting of a factorized weight to a layer's calibrated output error.
+
+With ``C = L L^T`` (the damped input covariance) and ``T = W M L^{-T}`` (see
+:mod:`.calibrate`), the output error of a replacement is ``||W_hat L - T||_F^2`` up to a
+constant. The best matrix of rank ``k`` is the truncated SVD of ``T`` mapped back by
+``L^{-1}`` (the whitened start); the factors of any format are then refined by L-BFGS on
+``||to_matrix() L - T||_F^2``, which needs no activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..formats import FactorizedTensor
+from .calibrate import LayerStats
+
+__all__ = ["WhitenedProblem", "whitened_problem", "fit_weight"]
+
+
+@dataclass
+class WhitenedProblem:
+    """``min ||W_hat L - T||_F`` for one layer (float64)."""
+
+    weight: Tensor  # the original W, (out, in)
+    chol: Tensor  # L, lower triangular, (in, in)
+    target: Tensor  # T, (out, in)
+    _svd: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._svd is None:
+            self._svd = torch.linalg.svd(self.target, full_matrices=False)
+        return self._svd
+
+    @property
+    def energy(self) -> float:
+        return float(self.target.square().sum())
+
+    def spectrum(self) -> Tensor:
+        """Squared singular values of ``T``: dropping ``s_j`` costs ``s_j^2`` output error."""
+        return self.svd[1].square()
+
+    def low_rank(self, k: int) -> Tensor:
+        """The optimal rank-``k`` replacement ``U_k S_k V_k^T L^{-1}`` (float64)."""
+        u, s, vh = self.svd
+        k = max(0, min(k, s.numel()))
+        right = torch.linalg.solve_triangular(self.chol.T, vh[:k].T, upper=True).T
+        return (u[:, :k] * s[:k]) @ right
+
+    def error(self, w_hat: Tensor) -> float:
+        """Relative calibrated output error ``||W_hat L - T|| / ||T||``."""
+        resid = w_hat.double() @ self.chol - self.target
+        return math.sqrt(float(resid.square().sum()) / max(self.energy, 1e-300))
+
+
+def whitened_problem(weight: Tensor, stats: LayerStats | None, damping: float = 1e-3) -> WhitenedProblem:
+    """Build the whitened least-squares problem of one layer.
+
+    ``C + lam I`` and ``M + lam I`` with ``lam = damping * mean(diag C)``: a ridge that
+    pulls the replacement towards ``W`` along input directions the calibration never saw.
+    Without statistics (``stats=None``) ``C = I`` and this is the plain weight problem.
+    """
+    w = weight.detach().double().cpu()
+    n_in = w.shape[1]
+    if stats is None:
+        eye = torch.eye(n_in, dtype=torch.float64)
+        return WhitenedProblem(w, eye, w.clone())
+    cov, cross = stats.cov.cpu(), stats.cross.cpu()
+    lam = damping * float(cov.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(n_in, dtype=torch.float64)
+    cov = cov + lam * eye
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if int(info) == 0:
+            break
+        cov = cov + (10.0**attempt) * lam * eye  # numerically indefinite: damp harder
+    target = torch.linalg.solve_triangular(chol, (w @ (cross + lam * eye)).T, upper=False).T
+    return WhitenedProblem(w, chol, target)
+
+
+def _matrix_rank_budget(weight: FactorizedTensor) -> int:
+    out_f, in_f = math.prod(weight.out_modes), math.prod(weight.in_modes)
+    return max(1, min(out_f, in_f, weight.num_parameters() // (out_f + in_f)))
+
+
+def _set_low_rank(weight: FactorizedTensor, problem: WhitenedProblem) -> bool:
+    """Write the optimal whitened low-rank matrix straight into formats that are a matrix
+    factorisation (one out mode and one in mode, no layer modes): TT (``G_1 G_2``) and CP
+    (``sum_r w_r a_r b_r^T``). Returns False for every other case."""
+    if weight.layer_shape or len(weight.out_modes) != 1 or len(weight.in_modes) != 1:
+        return False
+    u, s, vh = problem.svd
+    if weight.name == "tt":
+        k = int(weight.rank[0])
+    elif weight.name == "cp":
+        k = int(weight.rank)
+    else:
+        return False
+    m = min(k, s.numel())
+    right = torch.linalg.solve_triangular(problem.chol.T, vh[:m].T, upper=True).T  # (m, in)
+    if weight.name == "tt":
+        left = torch.zeros(u.shape[0], k, dtype=u.dtype)
+        left[:, :m] = u[:, :m] * s[:m].sqrt()
+        rows = torch.zeros(k, right.shape[1], dtype=u.dtype)
+        rows[:m] = right * s[:m].sqrt().unsqueeze(1)
+        weight._copy_factors_([left, rows])
+    else:
+        norms = right.norm(dim=1).clamp_min(1e-30)
+        w = torch.zeros(k, dtype=u.dtype)
+        w[:m] = s[:m] * norms
+        a = torch.zeros(u.shape[0], k, dtype=u.dtype)
+        a[:, :m] = u[:, :m]
+        b = torch.zeros(right.shape[1], k, dtype=u.dtype)
+        b[:, :m] = (right / norms.unsqueeze(1)).T
+        weight._copy_factors_([w, a, b])
+    return True
+
+
+def fit_weight(
+    weight: FactorizedTensor,
+    problem: WhitenedProblem,
+    refine_steps: int = 100,
+    data_aware: bool = True,
+) -> float:
+    """Fit ``weight``'s factors in place to the layer's problem; return the relative error.
+
+    The start is the better (lower calibrated error) of: the format's decomposition of the
+    optimal whitened matrix of rank ``k`` (``k`` = as many rank-one terms as the parameter
+    count pays for), and its decomposition of the unconstrained optimum. When the first
+    is reproduced exactly the format holds the optimal rank-``k`` matrix and is kept;
+    otherwise L-BFGS refines the factors on the whitened loss (``refine_steps`` iterations).
+    """
+    modes = weight.out_modes + weight.in_modes
+    if _set_low_rank(weight, problem):  # the exact optimum, no decomposition needed
+        with torch.no_grad():
+            return problem.error(weight.to_matrix())
+    starts: list[tuple[float, list[Tensor]]] = []
+    exact = False
+    candidates = [problem.low_rank(_matrix_rank_budget(weight))] if data_aware else []
+    candidates.append(problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol))
+    for i, dense in enumerate(candidates):
+        try:
+            fit_err = weight.fit_(dense.float().reshape(modes))
+        except RuntimeError:  # a decomposition that fails on this shape/rank: try the next start
+            continue
+        if i == 0 and data_aware and fit_err < 1e-4:
+            exact = True
+        with torch.no_grad():
+            starts.append((problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors]))
+        if exact:
+            break
+    if not starts:  # no decomposition worked: refine from the format's random init
+        weight.reset_parameters()
+        with torch.no_grad():
+            starts.append((problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors]))
+        refine_steps = max(refine_steps, 100)
+    best_err, best = min(starts, key=lambda s: s[0])
+    weight._copy_factors_(best)
+    if exact or not data_aware or refine_steps <= 0:
+        return best_err
+    return _refine(weight, problem, refine_steps, best_err)
+
+
+def _refine(weight: FactorizedTensor, problem: WhitenedProblem, steps: int, start_err: float) -> float:
+    chol = problem.chol.float()
+    target = problem.target.float()
+    scale = 1.0 / max(problem.energy, 1e-30)
+    params = [torch.nn.Parameter(f.detach().clone().float()) for f in weight.factors]
+    original = list(weight.factors)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    from ..functional import reconstruct_weight
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        w_hat = reconstruct_weight(params, weight.network)
+        loss = (w_hat @ chol - target).square().sum() * scale
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        try:
+            opt.step(closure)
+        except RuntimeError:  # a degenerate line search; keep the start
+            return start_err
+    with torch.no_grad():
+        err = problem.error(reconstruct_weight([p.detach() for p in params], weight.network))
+    if math.isfinite(err) and err < start_err:
+        weight._copy_factors_([p.detach().to(o.dtype) for p, o in zip(params, original)])
+        return err
+    return start_err

