@@ -4,6 +4,7 @@ The weight is viewed as the tensor (8, 8, 16) + (8, 8, 16) (out modes + in modes
 weights: i.i.d. normal, and one with a decaying spectrum (``s_i = 1 / (1 + i / 16)``).
 
     PYTHONPATH=src python benchmarks/bench_decompose.py [--repeats 3] [--cp-iters 100 25]
+        [--cp-repeats N]
 
 Prints a markdown table: method, ranks, seconds (median of the repeats), relative error.
 """
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cp-iters", type=int, nargs="+", default=[100, 25])
+    parser.add_argument("--cp-repeats", type=int, default=None, help="default: --repeats")
     args = parser.parse_args()
 
     r_cp, r_tt, r_ttm, r_tucker = cp_rank(), tt_ranks(), ttm_ranks(), tucker_ranks()
@@ -137,7 +139,8 @@ def main() -> None:
                 )
             )
         for method, ranks, params, fn in rows:
-            sec, err = timed(fn, args.repeats)
+            reps = args.cp_repeats if method.startswith("cp") and args.cp_repeats else args.repeats
+            sec, err = timed(fn, reps)
             print(f"| {name} | {method} | {ranks} | {params} | {sec:.2f} | {err:.4f} |", flush=True)
 
 

@@ -296,7 +296,8 @@ def cp_als(
             best = min(ranked, key=lambda t: t[2])
             if n_iter_max > burn_in:
                 for _, f, _ in ranked:
-                    trial = _als(x, f, n_iter_max - burn_in, tol, ridge, small)
+                    # A copy: ``best`` may hold this very list, and _als rebinds its entries.
+                    trial = _als(x, list(f), n_iter_max - burn_in, tol, ridge, small)
                     if trial[2] < best[2]:
                         best = trial
 
