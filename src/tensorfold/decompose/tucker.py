@@ -45,7 +45,11 @@ def _kron(mats: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Kronecker product in C order of the modes: ``(prod d_k, prod r_k)``."""
     out = like.new_ones(1, 1)
     for m in mats:
-        out = torch.kron(out, m)
+        # torch.kron fails ('view size is not compatible') on some strided inputs, e.g. a
+        # (d, 1) factor with strides (1, d): an explicit outer product and reshape instead.
+        out = (out[:, None, :, None] * m[None, :, None, :]).reshape(
+            out.shape[0] * m.shape[0], out.shape[1] * m.shape[1]
+        )
     return out
 
 
