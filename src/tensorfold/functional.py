@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import opt_einsum
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from .errors import ImplementationError, ShapeError
 from .plan import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
@@ -138,6 +140,72 @@ def _program(factors: Sequence[Tensor], network: Network, rows: int) -> LayerPro
     )
 
 
+# ---- under torch.compile / torch.export ------------------------------------------------
+# Dynamo cannot trace the planner (opt_einsum, lru_cache) nor call the compiled plan
+# objects. So while tracing, the same cached plan is looked up in a function Dynamo runs
+# once and bakes in as a constant (its arguments are shapes and names, which Dynamo
+# guards), and it comes back as plain ``(positions, einsum equation)`` pairs run with
+# ``torch.einsum``; the compiler then fuses and lowers them itself.
+_SYMBOLIC_BUCKET = 64  # the batch bucket planned for when the row count is symbolic
+
+
+def _pairwise_steps(plan: ContractionPlan) -> tuple[tuple[tuple[int, ...], str], ...]:
+    if not plan.path:  # a single operand
+        return (((0,), plan.equation),)
+    lhs = plan.equation.partition("->")[0].split(",")
+    shapes = [tuple(1 for _ in sub) for sub in lhs]  # the order only; sizes do not matter here
+    _, info = opt_einsum.contract_path(plan.equation, *shapes, shapes=True, optimize=list(plan.path))
+    return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
+
+
+@torch.compiler.assume_constant_result
+def _traced_route(
+    network: Network, shapes: tuple[tuple[int, ...], ...], bucket: int, device_type: str, itemsize: int,
+    implementation: str,
+) -> tuple[str, tuple[tuple[tuple[int, ...], str], ...]]:
+    program = layer_program(network, shapes, bucket, device_type, itemsize)
+    if implementation == "auto":
+        implementation = program.choice
+    plan = program.forward if implementation == "factorized" else program.rebuild
+    return implementation, _pairwise_steps(plan)
+
+
+def _run_steps(steps: tuple[tuple[tuple[int, ...], str], ...], operands: Sequence[Tensor]) -> Tensor:
+    ops = list(operands)
+    for positions, equation in steps:
+        picked = [ops[p] for p in positions]
+        ops = [op for k, op in enumerate(ops) if k not in positions]
+        ops.append(torch.einsum(equation, *picked))
+    return ops[0]
+
+
+def _traced_linear(
+    x: Tensor, factors: Sequence[Tensor], network: Network, bias: Tensor | None, implementation: str
+) -> Tensor:
+    shapes = tuple(tuple(f.shape) for f in factors)
+    out_modes, in_modes = _mode_sizes(network, shapes)
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    if x.ndim == 0 or x.shape[-1] != n_in:
+        width = x.shape[-1] if x.ndim else "a scalar"
+        raise ShapeError(f"input has last dimension {width}, but the layer has in_features={n_in}")
+    implementation = check_implementation(implementation)
+    lead = x.shape[:-1]
+    rows = 1
+    for d in lead:  # not math.prod: Dynamo would specialise a symbolic batch to a constant
+        rows = rows * d
+    # A symbolic row count (dynamic batch) plans for a fixed bucket: computing its bucket
+    # would specialise it. (Under Dynamo even a symbolic size passes isinstance(_, int).)
+    bucket = batch_bucket(rows) if has_static_value(rows) else _SYMBOLIC_BUCKET
+    f0 = factors[0]
+    implementation, steps = _traced_route(
+        network, shapes, bucket, f0.device.type, f0.dtype.itemsize, implementation
+    )
+    if implementation == "reconstructed":
+        return F.linear(x, _run_steps(steps, factors).reshape(n_out, n_in), bias)
+    y = _run_steps(steps, (x.reshape(rows, *in_modes), *factors)).reshape(*lead, n_out)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     """Rebuild the dense ``(out_features, in_features)`` weight from single-layer factors.
 
@@ -150,6 +218,10 @@ def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     """
     f0 = factors[0]
     shapes = tuple(tuple(f.shape) for f in factors)
+    if torch.compiler.is_compiling():
+        _, steps = _traced_route(network, shapes, 1, f0.device.type, f0.dtype.itemsize, "reconstructed")
+        out_modes, in_modes = _mode_sizes(network, shapes)
+        return _run_steps(steps, factors).reshape(math.prod(out_modes), math.prod(in_modes))
     plan = _rebuild_plan(network, shapes, f0.device.type, f0.element_size())
     out_modes, in_modes = _mode_sizes(network, shapes)
     return plan(*factors).reshape(math.prod(out_modes), math.prod(in_modes))
@@ -228,6 +300,8 @@ def factorized_linear(
         >>> factorized_linear(torch.randn(5, 2), cores, get_format("tt").network_for(1, 1)).shape
         torch.Size([5, 4])
     """
+    if torch.compiler.is_compiling():  # traced: constant plans, no lean backward
+        return _traced_linear(x, factors, network, bias, implementation)
     lead = x.shape[:-1]
     rows = math.prod(lead) if x.ndim else 0
     program = _program(factors, network, rows)
