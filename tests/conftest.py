@@ -3,7 +3,8 @@
 * ``pytest --device cuda`` (or ``TENSORFOLD_TEST_DEVICE=cuda``) runs every test that takes
   the ``device`` fixture on the GPU; without a GPU those tests skip with a reason.
 * Tests marked ``@pytest.mark.cuda`` need a GPU whatever ``--device`` says, and skip
-  cleanly where none is present.
+  cleanly where none is present. Tests taking ``device`` get the ``device`` marker, so
+  ``pytest --device cuda -m "device or cuda"`` runs just the GPU-relevant part.
 * Hypothesis: the ``fast`` profile (the default here) keeps example counts small; ``CI=true`` selects the
   derandomized ``ci`` profile; ``--hypothesis-profile=thorough`` runs many more examples.
 """
@@ -39,17 +40,18 @@ else:  # registered at import, before hypothesis' plugin reads --hypothesis-prof
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: takes the `device` fixture (set automatically)")
     if settings is not None and config.getoption("hypothesis_profile", None) is None:
         ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
         settings.load_profile("ci" if ci else "fast")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
     for item in items:
-        if "cuda" in item.keywords:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)  # so `-m device` selects what --device moves
+        if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 
