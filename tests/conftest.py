@@ -5,8 +5,9 @@
 * Tests marked ``@pytest.mark.cuda`` need a GPU whatever ``--device`` says, and skip
   cleanly where none is present. Tests taking ``device`` get the ``device`` marker, so
   ``pytest --device cuda -m "device or cuda"`` runs just the GPU-relevant part.
-* Hypothesis: the ``fast`` profile (the default here) keeps example counts small; ``CI=true`` selects the
-  derandomized ``ci`` profile; ``--hypothesis-profile=thorough`` runs many more examples.
+* Hypothesis: the ``fast`` profile (the default here) keeps example counts small;
+  ``CI=true`` selects the derandomized ``ci`` profile; ``--hypothesis-profile=thorough``
+  runs many more examples.
 """
 
 from __future__ import annotations

@@ -40,10 +40,20 @@ OUT_MODES = (4, 2)
 OUT_MODES_WITH_ONE = (4, 2, 1)
 
 
-def _layer(fmt: str, implementation: str, device: torch.device, out_modes=OUT_MODES, **kw) -> FactorizedLinear:
+def _layer(
+    fmt: str, implementation: str, device: torch.device, out_modes=OUT_MODES, **kw
+) -> FactorizedLinear:
     torch.manual_seed(0)
-    return FactorizedLinear((2, 3), out_modes, factorization=fmt, rank=0.5, n_layers=2,
-                            implementation=implementation, device=device, **kw)
+    return FactorizedLinear(
+        (2, 3),
+        out_modes,
+        factorization=fmt,
+        rank=0.5,
+        n_layers=2,
+        implementation=implementation,
+        device=device,
+        **kw,
+    )
 
 
 def _check_forward_backward(layer: nn.Module, compiled, x: torch.Tensor, index: int) -> None:
@@ -56,9 +66,11 @@ def _check_forward_backward(layer: nn.Module, compiled, x: torch.Tensor, index: 
     y_eager.square().sum().backward()
     y_comp.square().sum().backward()
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
+    for (name, p), q in zip(layer.named_parameters(), eager.parameters(), strict=False):
         assert p.grad is not None, f"no gradient reached {name} through the compiled graph"
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize(("fmt", "implementation"), GRID)
@@ -128,9 +140,12 @@ class SmallModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.cp = FactorizedLinear((2, 4), (3, 4), factorization="cp", rank=0.5)
-        self.tucker = FactorizedLinear((3, 4), (4, 3), factorization="tucker", rank=0.5,
-                                       implementation="reconstructed")
-        self.tt = FactorizedLinear((4, 3), (2, 2, 3), factorization="tt", rank=0.5, implementation="auto")
+        self.tucker = FactorizedLinear(
+            (3, 4), (4, 3), factorization="tucker", rank=0.5, implementation="reconstructed"
+        )
+        self.tt = FactorizedLinear(
+            (4, 3), (2, 2, 3), factorization="tt", rank=0.5, implementation="auto"
+        )
         self.ttm = FactorizedLinear((12,), (2, 4), factorization="ttm", rank=0.5, n_layers=2)
         self.head = nn.Linear(8, 2)
 

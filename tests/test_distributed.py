@@ -56,7 +56,11 @@ class Net(nn.Module):
         super().__init__()
         self.n_layers = n_layers
         self.factorized = FactorizedLinear(
-            IN_MODES, OUT_MODES, factorization=fmt, rank=0.6, n_layers=n_layers,
+            IN_MODES,
+            OUT_MODES,
+            factorization=fmt,
+            rank=0.6,
+            n_layers=n_layers,
             implementation=implementation,
         )
         self.head = nn.Linear(self.factorized.out_features, 3)
@@ -76,8 +80,10 @@ def build(case: tuple, seed: int) -> Net:
 def batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     n_in = IN_MODES[0] * IN_MODES[1]
-    return [(torch.randn(GLOBAL_BATCH, n_in, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, n_in, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def train(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -112,7 +118,10 @@ def _run_case(mode: str, case: tuple, seed: int, rank: int) -> dict[str, torch.T
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two ranks share two cores
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     results: dict[str, object] = {}
@@ -139,8 +148,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
     out = tmp_path_factory.mktemp("distributed")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = SPAWN_TIMEOUT_S
     while not ctx.join(timeout=5):
         deadline -= 5
@@ -160,7 +170,9 @@ def test_data_parallel_matches_single_process(rank_results, mode: str, case: tup
         assert isinstance(got, dict), f"rank {rank} failed {key}:\n{got}"
     # Both ranks hold bit-identical parameters.
     for name in per_rank[0]:
-        assert torch.equal(per_rank[0][name], per_rank[1][name]), f"{key}: '{name}' differs across ranks"
+        assert torch.equal(per_rank[0][name], per_rank[1][name]), (
+            f"{key}: '{name}' differs across ranks"
+        )
     # And they equal one process training on the full global batches.
     seed = 100 + CASES.index(case)
     reference = build(case, seed)
@@ -169,8 +181,13 @@ def test_data_parallel_matches_single_process(rank_results, mode: str, case: tup
     assert set(expected) == set(per_rank[0])
     initial = build(case, seed).state_dict()
     for name, value in expected.items():
-        torch.testing.assert_close(per_rank[0][name], value, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"{key}: '{name}': {m}")
+        torch.testing.assert_close(
+            per_rank[0][name],
+            value,
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{key}: '{name}': {m}",
+        )
         assert not torch.equal(value, initial[name]), f"{key}: '{name}' was not trained"
 
 

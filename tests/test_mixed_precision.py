@@ -20,13 +20,22 @@ def _autocast_dtypes(device: torch.device) -> list[torch.dtype]:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float())).item()
+    return (
+        torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float())
+    ).item()
 
 
 def _layer(fmt: str, implementation: str, n_layers: int, device: torch.device) -> FactorizedLinear:
     torch.manual_seed(0)
-    return FactorizedLinear(IN_MODES, OUT_MODES, factorization=fmt, rank=0.5, n_layers=n_layers,
-                            implementation=implementation, device=device)
+    return FactorizedLinear(
+        IN_MODES,
+        OUT_MODES,
+        factorization=fmt,
+        rank=0.5,
+        n_layers=n_layers,
+        implementation=implementation,
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
@@ -42,7 +51,9 @@ def test_autocast_forward_within_two_percent(fmt, implementation, n_layers, devi
             y = layer(x, index)
         assert torch.isfinite(y).all()
         error = _rel(y, reference)
-        assert error < 0.02, f"{fmt}/{implementation} under {dtype} autocast: relative error {error:.4f}"
+        assert error < 0.02, (
+            f"{fmt}/{implementation} under {dtype} autocast: relative error {error:.4f}"
+        )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -71,7 +82,7 @@ def test_autocast_backward(fmt, implementation, device) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = layer(x).float().square().mean()
     loss.backward()
-    for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=False):
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.isfinite(p.grad).all(), name
         assert _rel(p.grad, q.grad) < 0.05, f"{fmt}/{implementation}: gradient of {name}"
@@ -93,7 +104,7 @@ def test_from_linear_of_half_precision_layer(fmt, dtype, device) -> None:
     assert layer.weight.rank == layer32.weight.rank
     # Same float32 fit: the same error, the same factors up to rounding to the source dtype.
     assert abs(layer.decomposition_error - layer32.decomposition_error) < 1e-5
-    for f, f32 in zip(layer.weight.factors, layer32.weight.factors):
+    for f, f32 in zip(layer.weight.factors, layer32.weight.factors, strict=False):
         torch.testing.assert_close(f, f32.to(dtype))
     assert torch.equal(layer.bias, source.bias)
     assert layer.bias.data_ptr() != source.bias.data_ptr()

@@ -44,7 +44,10 @@ def _low_rank_weight(rank: int, generator: torch.Generator) -> torch.Tensor:
 
 def _from_linear(lin: nn.Linear, fmt: str, rank: object = 0.5) -> FactorizedLinear:
     return FactorizedLinear.from_linear(
-        lin, rank=rank, factorization=fmt, in_tensorized_features=IN_MODES,
+        lin,
+        rank=rank,
+        factorization=fmt,
+        in_tensorized_features=IN_MODES,
         out_tensorized_features=OUT_MODES,
     )
 
@@ -53,7 +56,9 @@ def _check_finite(layer: FactorizedLinear) -> float:
     for k, factor in enumerate(layer.weight.factors):
         assert torch.isfinite(factor).all(), f"{layer.factorization}: factor {k} is not finite"
     error = layer.decomposition_error
-    assert isinstance(error, float) and math.isfinite(error), f"error {error!r} is not a finite float"
+    assert isinstance(error, float) and math.isfinite(error), (
+        f"error {error!r} is not a finite float"
+    )
     assert error >= 0.0
     return error
 
@@ -90,13 +95,15 @@ def test_all_zero_weight(fmt: str, device: torch.device) -> None:
     x = torch.randn(5, IN_F, device=device)
     y = layer(x)
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y, lin(x), rtol=0, atol=1e-6)  # the zero weight is rebuilt: y == bias
+    torch.testing.assert_close(
+        y, lin(x), rtol=0, atol=1e-6
+    )  # the zero weight is rebuilt: y == bias
 
 
 @pytest.mark.parametrize("scale", [1e6, 1e-6], ids=["norm1e6", "norm1e-6"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_huge_and_tiny_norm(fmt: str, scale: float, device: torch.device) -> None:
-    """The fit is scale-invariant: the same relative error, the factors rebuild the scaled weight."""
+    """The fit is scale-invariant: the same relative error; the factors rebuild the weight."""
     g = torch.Generator().manual_seed(2)
     base = torch.randn(OUT_F, IN_F, generator=g)
     base = (base / torch.linalg.vector_norm(base)).to(device)  # unit Frobenius norm
@@ -108,10 +115,14 @@ def test_huge_and_tiny_norm(fmt: str, scale: float, device: torch.device) -> Non
     rebuilt = scaled.weight.to_matrix()
     assert torch.isfinite(rebuilt).all()
     measured = (torch.linalg.vector_norm(rebuilt - base * scale) / scale).item()
-    assert abs(measured - error) < 1e-3 + 1e-2 * error, f"reported {error:.4g}, measured {measured:.4g}"
+    assert abs(measured - error) < 1e-3 + 1e-2 * error, (
+        f"reported {error:.4g}, measured {measured:.4g}"
+    )
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"]
+)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_non_finite_weight_is_refused(fmt: str, bad: float, device: torch.device) -> None:
     weight = torch.randn(OUT_F, IN_F, generator=torch.Generator().manual_seed(3)).to(device)
@@ -127,6 +138,10 @@ def test_non_finite_weight_in_a_list_is_refused(fmt: str, device: torch.device) 
     bad[0, 0] = float("nan")
     with pytest.raises(DecompositionError, match=r"(?i)nan|inf") as info:
         FactorizedLinear.from_linear_list(
-            [_linear(good, device), _linear(bad, device)], IN_MODES, OUT_MODES, rank=0.5, factorization=fmt
+            [_linear(good, device), _linear(bad, device)],
+            IN_MODES,
+            OUT_MODES,
+            rank=0.5,
+            factorization=fmt,
         )
     assert isinstance(info.value, TensorfoldError) and isinstance(info.value, ValueError)

@@ -149,20 +149,29 @@ def _program(factors: Sequence[Tensor], network: Network, rows: int) -> LayerPro
 _SYMBOLIC_BUCKET = 64  # the batch bucket planned for when the row count is symbolic
 
 
-def _pairwise_steps(plan: ContractionPlan) -> tuple[tuple[tuple[int, ...], str], ...]:
+_Steps = tuple[tuple[tuple[int, ...], str], ...]  # (operand positions, einsum) per pairwise step
+
+
+def _pairwise_steps(plan: ContractionPlan) -> _Steps:
     if not plan.path:  # a single operand
         return (((0,), plan.equation),)
     lhs = plan.equation.partition("->")[0].split(",")
     shapes = [tuple(1 for _ in sub) for sub in lhs]  # the order only; sizes do not matter here
-    _, info = opt_einsum.contract_path(plan.equation, *shapes, shapes=True, optimize=list(plan.path))
+    _, info = opt_einsum.contract_path(
+        plan.equation, *shapes, shapes=True, optimize=list(plan.path)
+    )
     return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
 
 
 @torch.compiler.assume_constant_result
 def _traced_route(
-    network: Network, shapes: tuple[tuple[int, ...], ...], bucket: int, device_type: str, itemsize: int,
+    network: Network,
+    shapes: tuple[tuple[int, ...], ...],
+    bucket: int,
+    device_type: str,
+    itemsize: int,
     implementation: str,
-) -> tuple[str, tuple[tuple[tuple[int, ...], str], ...]]:
+) -> tuple[str, _Steps]:
     program = layer_program(network, shapes, bucket, device_type, itemsize)
     if implementation == "auto":
         implementation = program.choice
@@ -170,7 +179,7 @@ def _traced_route(
     return implementation, _pairwise_steps(plan)
 
 
-def _run_steps(steps: tuple[tuple[tuple[int, ...], str], ...], operands: Sequence[Tensor]) -> Tensor:
+def _run_steps(steps: _Steps, operands: Sequence[Tensor]) -> Tensor:
     ops = list(operands)
     for positions, equation in steps:
         picked = [ops[p] for p in positions]
@@ -219,7 +228,9 @@ def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     f0 = factors[0]
     shapes = tuple(tuple(f.shape) for f in factors)
     if torch.compiler.is_compiling():
-        _, steps = _traced_route(network, shapes, 1, f0.device.type, f0.dtype.itemsize, "reconstructed")
+        _, steps = _traced_route(
+            network, shapes, 1, f0.device.type, f0.dtype.itemsize, "reconstructed"
+        )
         out_modes, in_modes = _mode_sizes(network, shapes)
         return _run_steps(steps, factors).reshape(math.prod(out_modes), math.prod(in_modes))
     plan = _rebuild_plan(network, shapes, f0.device.type, f0.element_size())
