@@ -428,6 +428,7 @@ def _compile(
 
 
 _STRATEGIES = ("flops", "size", "combo-8", "combo-64", "combo-512")
+_DP_MAX_OPERANDS = 9
 
 
 def _candidate_paths(equation: str, shapes: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, ...]]]:
@@ -436,7 +437,12 @@ def _candidate_paths(equation: str, shapes: tuple[tuple[int, ...], ...]) -> list
     strategies: list[object] = []
     if len(shapes) <= 5:
         strategies.append("optimal")
-    strategies += [opt_einsum.DynamicProgramming(minimize=m, search_outer=True) for m in _STRATEGIES]
+    if len(shapes) <= _DP_MAX_OPERANDS:
+        strategies += [opt_einsum.DynamicProgramming(minimize=m, search_outer=True) for m in _STRATEGIES]
+    else:
+        # DP is exponential in the operand count: 5+5-mode CP with layer modes took minutes
+        # (one DP search alone ~6 s at 14 operands). Bounded searches stay in milliseconds.
+        strategies.append("branch-2")
     strategies.append("greedy")
     for strategy in strategies:
         try:
