@@ -259,22 +259,30 @@ class _LeanFactorized(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: ContractionPlan, x: Tensor, *factors: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.plan = plan
-        ctx.save_for_backward(x, *factors)
+    def _run(plan: ContractionPlan, fused_bias: bool, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+        # With a fused bias it is the last operand: the last GEMM is addmm(bias, ...).
+        if fused_bias:
+            return plan.with_bias(factors[-1], x, *factors[:-1])
         return plan(x, *factors)
+
+    @staticmethod
+    def forward(ctx, plan: ContractionPlan, fused_bias: bool, x: Tensor, *factors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        ctx.fused_bias = fused_bias
+        ctx.save_for_backward(x, *factors)
+        return _LeanFactorized._run(plan, fused_bias, x, factors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, *factors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(n) for t, n in zip((x, *factors), needs)]
-            y = ctx.plan(*inputs)
+            y = _LeanFactorized._run(ctx.plan, ctx.fused_bias, inputs[0], inputs[1:])
             wanted = [t for t, n in zip(inputs, needs) if n]
             grads = iter(torch.autograd.grad(y, wanted, grad)) if wanted else iter(())
-        return (None, *[next(grads) if n else None for n in needs])
+        return (None, None, *[next(grads) if n else None for n in needs])
 
 
 def factorized_linear(
@@ -331,11 +339,24 @@ def factorized_linear(
         weight = program.rebuild(*factors).reshape(program.out_features, program.in_features)
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, *program.in_modes)
+    plan = program.forward
     if lean_backward and torch.is_grad_enabled():
-        y = _LeanFactorized.apply(program.forward, xt, *factors)
+        if bias is not None and plan.fuses_bias:
+            y = _LeanFactorized.apply(plan, True, xt, *factors, bias)
+            return y.reshape(*lead, program.out_features)
+        y = _LeanFactorized.apply(plan, False, xt, *factors)
+    elif bias is not None and plan.fuses_bias:
+        # The last GEMM adds the bias (addmm), as nn.Linear does: no extra pass over y.
+        return plan.with_bias(bias, xt, *factors).reshape(*lead, program.out_features)
     else:
-        y = program.forward(xt, *factors)
+        y = plan(xt, *factors)
     y = y.reshape(*lead, program.out_features)
+    if bias is None:
+        return y
     # Under autocast y is in the low dtype: cast the bias as F.linear does, so every path
-    # returns nn.Linear's dtype.
-    return y if bias is None else y + bias.to(y.dtype)
+    # returns nn.Linear's dtype. Without autograd, add in place: y is a fresh result, and
+    # a second freshly allocated output costs more than the add itself.
+    bias = bias.to(y.dtype)
+    if not torch.is_grad_enabled() or not (y.requires_grad or bias.requires_grad):
+        return y.add_(bias)
+    return y + bias

@@ -158,6 +158,9 @@ class _Step:
     b: _Operand | None
     out_shape: tuple[int, ...]  # view of the product, one axis per label
     release: tuple[int, ...]  # slots no longer needed afterwards
+    # 'mm' whose rows are exactly the dynamic (batch) label: a bias over the columns can
+    # be added by the GEMM itself (addmm), with no extra pass over the result.
+    rows_are_batch: bool = False
 
 
 def _group_size(labels: str, sizes: dict[str, int], dynamic: str) -> int:
@@ -202,12 +205,16 @@ def _compile_step(
     dynamic: str,
     slots: tuple[int, int],
     swap: bool,
+    out_order: str = "",
 ) -> tuple[_Step, str, float, float, float]:
     """Compile one pairwise contraction; returns (step, result labels, flops, bytes, copy bytes).
 
     ``keep_after`` holds the labels still needed by other operands or the output.
     The operand with the dynamic (batch) label, else the larger one, leads: its
     label order decides the order of the shared groups so it is copied least.
+    ``out_order`` (the last step only): lay each side's free labels out in the
+    equation's output order, so the product needs no final permute (an operand may
+    be copied instead, which for a small factor costs far less than the result).
     """
     a_set, b_set = set(a_labels), set(b_labels)
     a_used = {c for c in a_labels if c in b_set or c in keep_after}
@@ -227,6 +234,11 @@ def _compile_step(
     contr = "".join(c for c in lead if c in other_set and c not in keep_after)
     lead_free = "".join(c for c in lead if c not in other_set and c in lead_used)
     other_free = "".join(c for c in other if c not in lead_set and c in other_used)
+    if out_order:
+        def rank(c: str) -> int:
+            return out_order.index(c) if c in out_order else len(out_order)
+        lead_free = "".join(sorted(lead_free, key=rank))
+        other_free = "".join(sorted(other_free, key=rank))
     lead_kept = "".join(c for c in lead if c in lead_used)
     other_kept = "".join(c for c in other if c in other_used)
 
@@ -259,7 +271,8 @@ def _compile_step(
         )
     result = batch + lead_free + other_free
     out_numel = nb * nf * ng
-    step = _Step(kind, lead_op, other_op, _shape_of(result, sizes, dynamic), ())
+    rows_are_batch = kind == "mm" and bool(dynamic) and lead_free == dynamic
+    step = _Step(kind, lead_op, other_op, _shape_of(result, sizes, dynamic), (), rows_are_batch)
     copy = (lead_numel if lead_op.copies else 0) + (other_numel if other_op.copies else 0)
     dims = (nf, nc, ng) if kind != "mul" else ()
     return step, result, float(flops), (lead_numel + other_numel, out_numel, dims), float(copy)
@@ -296,6 +309,26 @@ class ContractionPlan:
     def n_kernels(self) -> int:
         return len(self.steps) + (self.final_perm is not None)
 
+    @property
+    def fuses_bias(self) -> bool:
+        """Whether :meth:`with_bias` adds the bias inside the last GEMM (``addmm``)."""
+        return (
+            self.slices is None and not self.unary and self.final_perm is None
+            and bool(self.steps) and self.steps[-1].rows_are_batch
+        )
+
+    def with_bias(self, bias: Tensor, *operands: Tensor) -> Tensor:
+        """``self(*operands) + bias`` over the trailing output labels, fused when possible.
+
+        With :attr:`fuses_bias` the last step is ``addmm(bias, a, b)``: no extra pass
+        over the result (at large batch the separate add cost as much as a GEMM step,
+        most of it writing a fresh output). Otherwise the bias is added after the chain.
+        """
+        if self.fuses_bias:
+            return self._run(operands, bias)
+        out = self(*operands)
+        return out + bias.to(out.dtype).reshape(out.shape[1:])
+
     def __call__(self, *operands: Tensor) -> Tensor:
         if self.unary:
             return torch.einsum(self.equation, operands[0])
@@ -303,8 +336,9 @@ class ContractionPlan:
             return self._sliced(operands)
         return self._run(operands)
 
-    def _run(self, operands: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    def _run(self, operands: tuple[Tensor, ...] | list[Tensor], bias: Tensor | None = None) -> Tensor:
         values: list[Tensor | None] = list(operands)
+        last = self.steps[-1]
         for step in self.steps:
             a = _bring(values[step.a.slot], step.a)  # type: ignore[arg-type]
             if step.b is None:
@@ -314,7 +348,7 @@ class ContractionPlan:
                 continue
             b = _bring(values[step.b.slot], step.b)  # type: ignore[arg-type]
             if step.kind == "mm":
-                r = torch.mm(a, b)
+                r = torch.mm(a, b) if bias is None or step is not last else torch.addmm(bias.to(a.dtype), a, b)
             elif step.kind == "bmm":
                 r = torch.bmm(a, b)
             else:
@@ -386,14 +420,21 @@ def _compile(
         (b_labels, b_slot), (a_labels, a_slot) = picked  # popped in descending position order
         keep_after = set(output).union(*(set(s) for s, _ in live))
         last = n_step == len(path) - 1
-        options = [False, True] if last else [False]
+        # The last step tries both operand orders, with the free labels as they come and
+        # in output order; each is priced with its copies and the final permute it leaves.
+        options = [(swap, order) for order in ("", output) for swap in (False, True)] if last else [(False, "")]
+        out_bytes = math.prod(sizes[c] for c in output) * itemsize
         best = None
-        for swap in options:
+        for swap, order in options:
             step, result, flops, traffic, copy = _compile_step(
-                a_labels, b_labels, keep_after, sizes, dynamic, (a_slot, b_slot), swap
+                a_labels, b_labels, keep_after, sizes, dynamic, (a_slot, b_slot), swap, order
             )
-            final_ok = result == output
-            score = (not final_ok) if last else 0
+            score = 0.0
+            if last:
+                read, written, dims = traffic
+                score = model.kernel(flops, read * itemsize, written * itemsize, dims)
+                score += model.copy(copy * itemsize) if copy else 0.0
+                score += model.copy(out_bytes) if result != output else 0.0
             if best is None or score < best[0]:
                 best = (score, step, result, flops, traffic, copy)
         _, step, result, flops, traffic, copy = best  # type: ignore[misc]
@@ -417,7 +458,7 @@ def _compile(
     for k, step in enumerate(steps):
         used = [op.slot for op in (step.a, step.b) if op is not None]
         rel = tuple(s for s in used if s >= n_in and last_use[s] == k)
-        released.append(_Step(step.kind, step.a, step.b, step.out_shape, rel))
+        released.append(_Step(step.kind, step.a, step.b, step.out_shape, rel, step.rows_are_batch))
     final_labels = live[0][0]
     final_perm = None
     if final_labels != output:
