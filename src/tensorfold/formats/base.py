@@ -246,10 +246,13 @@ class FactorizedTensor(nn.Module):
             raise LayerIndexError(
                 f"indices={indices!r} must have {len(self.layer_shape)} entries for layer shape {self.layer_shape}"
             )
+        # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
+        # factor on the hot path); its _parameters dict holds them in index order.
+        factors = self.factors._parameters.values()
         if not self.layer_shape:
-            return list(self.factors)
+            return list(factors)  # type: ignore[arg-type]
         picked = []
-        for factor, axes in zip(self.factors, self._layer_axes):
+        for factor, axes in zip(factors, self._layer_axes):
             for axis, mode in axes:
                 factor = factor.select(axis, indices[mode])
             picked.append(factor)

@@ -176,7 +176,7 @@ class FactorizedLinear(nn.Module):
             return False
         if not torch.is_grad_enabled():
             return True
-        return not any(p.requires_grad for p in self.weight.factors.parameters())
+        return not any(p.requires_grad for p in self.weight.factors._parameters.values())  # type: ignore[union-attr]
 
     def _forward_reusing_weight(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
         """``F.linear`` with the cached weight, or None where 'auto' prefers the factorized path."""
