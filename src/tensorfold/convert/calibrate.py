@@ -51,7 +51,7 @@ def record_stats(
     names: Sequence[str],
     batches: Sequence[Any],
     forward: ForwardFn = call_model,
-    original: nn.Module | None = None,
+    original: nn.Module | dict[str, list[Tensor]] | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> dict[str, LayerStats]:
     """Accumulate :class:`LayerStats` for the named ``nn.Linear``-like modules.
@@ -61,8 +61,9 @@ def record_stats(
         names: module names in ``model`` (and in ``original`` when given).
         batches: calibration inputs, each passed to ``forward(model, batch)``.
         forward: how to call the model on one batch.
-        original: when given, the same model before compression (``x_o``); otherwise
-            ``x_o = x_c``. The forward passes stop right after the last named layer.
+        original: when given, the same model before compression (``x_o``), or the
+            inputs it recorded (:func:`record_inputs`); otherwise ``x_o = x_c``. The
+            forward passes stop right after the last named layer.
         on_batch: called after each batch (progress bars).
 
     Returns:
@@ -102,10 +103,14 @@ def record_stats(
     try:
         for name in names:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_c(name)))
-            if original is not None:
+            if isinstance(original, nn.Module):
                 handles.append(original.get_submodule(name).register_forward_pre_hook(hook_o(name)))
-        for batch in batches:
-            if original is not None:
+        for b, batch in enumerate(batches):
+            if isinstance(original, dict):
+                for name in names:
+                    if original.get(name) and original[name][b] is not None:
+                        buf[name] = original[name][b].float()
+            elif original is not None:
                 seen_o.clear()
                 try:
                     forward(original, batch)
@@ -166,3 +171,41 @@ def input_groups(
             groups.append([name])
         last = x
     return groups
+
+
+@torch.no_grad()
+def record_inputs(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Any], forward: ForwardFn = call_model,
+    limit_bytes: int = 2 << 30,
+) -> dict[str, list[Tensor | None]] | None:
+    """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass.
+
+    Returns ``None`` (nothing kept) when they would take more than ``limit_bytes``.
+    """
+    kept: dict[str, list[Tensor | None]] = {n: [None] * len(batches) for n in names}
+    used = 0
+    current = 0
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            nonlocal used
+            x = _flat(args[0]).clone()
+            used += x.numel() * x.element_size()
+            if used > limit_bytes:
+                raise _Stop
+            kept[name][current] = x
+
+        return fn
+
+    try:
+        for name in names:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        for current, batch in enumerate(batches):  # noqa: B007 - read by the hook
+            forward(model, batch)
+    except _Stop:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return kept

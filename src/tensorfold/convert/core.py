@@ -24,7 +24,7 @@ from ..formats import get_format
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
 from ._util import ForwardFn, as_batches, call_model, match_modules, output_tensor, set_module
-from .calibrate import LayerStats, input_groups, record_stats
+from .calibrate import LayerStats, input_groups, record_inputs, record_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan", "tensorize", "revert"]
@@ -447,8 +447,11 @@ def tensorize(
     if plan_ is None:
         names = match_modules(model, targets, exclude)
         if batches is not None and names:
-            bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
-            stats = record_stats(model, names, batches, forward, on_batch=bar.update)
+            # Rank allocation needs only the spectra: a subset of the batches is enough when
+            # the layers are then fitted sequentially on all of them.
+            alloc = batches[: max(1, len(batches) // 4)] if sequential else batches
+            bar = tqdm(total=len(alloc), desc="calibrating", disable=not progress, leave=False)
+            stats = record_stats(model, names, alloc, forward, on_batch=bar.update)
             bar.close()
         plan_ = plan(model, budget, factorization, targets, exclude, batches, rank, n_tensorized_modes,
                      allocation, forward, output_fn, progress, _stats=stats)
@@ -470,17 +473,21 @@ def tensorize(
             raise ConversionError(f"cannot copy the model for sequential calibration ({exc}); "
                                   "pass sequential=False") from exc
         groups = input_groups(model, list(by_name), batches[0], forward)
+        # One pass of the original model keeps every layer's inputs when they fit in memory;
+        # otherwise the original runs alongside the copy in each group's pass.
+        original: Any = record_inputs(model, list(by_name), batches, forward) or model
         missing = set(by_name) - {n for g in groups for n in g}
         groups += [[n] for n in by_name if n in missing]
         for group in groups:
-            gstats = record_stats(work, group, batches, forward, original=model)
+            gstats = record_stats(work, group, batches, forward, original=original)
             for name in group:
                 lp = by_name[name]
                 layer = _build(lp, linears[name], implementation)
                 problem = whitened_problem(linears[name].weight, gstats.get(name))
                 lp.error = fit_weight(layer.weight, problem, refine_steps)
                 built[name] = layer
-                set_module(work, name, copy.deepcopy(layer))
+                # The same function as a dense layer: later calibration passes run faster.
+                set_module(work, name, layer.to_linear())
                 bar.update()
         del work
     else:

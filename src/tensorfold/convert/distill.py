@@ -85,7 +85,7 @@ def distill(
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     finally:
         student.train(was_training[0])
         teacher.train(was_training[1])

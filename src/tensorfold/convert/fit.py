@@ -33,7 +33,7 @@ class WhitenedProblem:
     @property
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._svd is None:
-            self._svd = torch.linalg.svd(self.target, full_matrices=False)
+            self._svd = _thin_svd(self.target)
         return self._svd
 
     @property
@@ -55,6 +55,22 @@ class WhitenedProblem:
         """Relative calibrated output error ``||W_hat L - T|| / ||T||``."""
         resid = w_hat.double() @ self.chol - self.target
         return math.sqrt(float(resid.square().sum()) / max(self.energy, 1e-300))
+
+
+def _thin_svd(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD through the eigendecomposition of the smaller Gram matrix (float64).
+
+    Several times faster than ``torch.linalg.svd`` for the wide/tall layer matrices; the
+    leading singular triplets, which are the ones kept, are accurate."""
+    wide = t.shape[0] <= t.shape[1]
+    gram = t @ t.T if wide else t.T @ t
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    s = evals.sqrt()
+    inv = torch.where(s > s[0] * 1e-12, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    if wide:
+        return evecs, s, (evecs.T @ t) * inv.unsqueeze(1)
+    return (t @ evecs) * inv, s, evecs.T
 
 
 def whitened_problem(weight: Tensor, stats: LayerStats | None, damping: float = 1e-3) -> WhitenedProblem:
