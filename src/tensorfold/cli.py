@@ -63,8 +63,8 @@ def _write_outputs(out: Path, report: Any, fid: Any, extra: dict[str, Any]) -> N
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .convert import core, distill as distill_mod, io
-    from .convert import demo
+    from .convert import core, demo, io
+    from .convert import distill as distill_mod
     from .errors import TensorfoldError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

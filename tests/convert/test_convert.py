@@ -10,8 +10,8 @@ from torch import nn
 
 import tensorfold
 from tensorfold import ConversionError, FactorizedLinear
-from tensorfold.convert import plan, revert, tensorize
 from tensorfold.convert import core as core_mod
+from tensorfold.convert import plan, revert, tensorize
 
 
 class Block(nn.Module):
