@@ -42,7 +42,9 @@ def _make(fmt, shape=SHAPES[0], n_layers=1, rank=0.5, implementation="factorized
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n_layers", N_LAYERS)
 def test_forward_matches_dense_reference(fmt, implementation, shape, n_layers):
-    layer = _make(fmt, shape, n_layers, implementation=implementation)
+    # A one-core TT-matrix is the dense matrix: it only accepts rank='same'.
+    single_core = fmt == "ttm" and len(shape[0]) == 1 and n_layers == 1
+    layer = _make(fmt, shape, n_layers, implementation=implementation, rank="same" if single_core else 0.5)
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
     for idx in _indices(n_layers):
         w = dense_weight(layer, idx)
@@ -234,6 +236,10 @@ def test_extra_repr_names_everything():
         ({"rank": (2, 2, 2, 2, 2), "factorization": "tt"}, ValueError, r"boundary ranks of tt must be 1"),
         ({"rank": (99,), "factorization": "ttm"}, ValueError, r"exceeds its largest useful value"),
         ({"rank": (1.5,), "factorization": "ttm"}, ValueError, r"must hold only ints"),
+        ({"rank": 0.5, "factorization": "ttm", "in_tensorized_features": (12,), "out_tensorized_features": (10,)},
+         ValueError, r"cannot be met by 'ttm' with one out mode and one in mode: its single core is the dense weight \(120"),
+        ({"rank": 4, "factorization": "ttm", "in_tensorized_features": (12,), "out_tensorized_features": (10,)},
+         ValueError, r"rank=4 cannot be met by 'ttm'"),
         ({"n_layers": 0}, ValueError, r"n_layers=0 must be >= 1"),
         ({"n_layers": (2, 0)}, ValueError, r"n_layers=\(2, 0\) must hold positive ints"),
         ({"in_tensorized_features": (3, 0)}, ValueError, r"in_tensorized_features=\(3, 0\) must hold positive ints"),

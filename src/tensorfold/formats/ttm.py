@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import RankError
 from .base import FactorizedTensor, Modes, register
 from .tt import (
     resolve_bonds_for_budget,
@@ -61,7 +62,10 @@ class TTMTensor(FactorizedTensor):
 
     @classmethod
     def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
-        return resolve_bonds_from_int(rank, core_dims(out_modes, in_modes, layer_shape))
+        dims = core_dims(out_modes, in_modes, layer_shape)
+        if len(dims) == 1:
+            raise RankError(_single_core_message(f"rank={rank}", dims))
+        return resolve_bonds_from_int(rank, dims)
 
     @classmethod
     def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
@@ -69,7 +73,10 @@ class TTMTensor(FactorizedTensor):
 
     @classmethod
     def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
-        return resolve_bonds_for_budget(budget, core_dims(out_modes, in_modes, layer_shape))
+        dims = core_dims(out_modes, in_modes, layer_shape)
+        if len(dims) == 1 and budget < 0.95 * dims[0]:
+            raise RankError(_single_core_message(f"a budget of {budget} parameters", dims))
+        return resolve_bonds_for_budget(budget, dims)
 
     def init_stds(self, target_std: float) -> list[float | None]:
         n = len(self.factors)
@@ -84,3 +91,11 @@ class TTMTensor(FactorizedTensor):
         cores, error = ttm_svd(dense, len(self.layer_shape), outs, ins, [1, *self.rank, 1])
         self._copy_factors_(cores)
         return error
+
+
+def _single_core_message(asked: str, dims: Modes) -> str:
+    # One out mode, one in mode and no layer modes: a single core is the dense matrix itself.
+    return (
+        f"{asked} cannot be met by 'ttm' with one out mode and one in mode: its single core is "
+        f"the dense weight ({dims[0]} parameters, no bond to truncate); use two or more modes per side"
+    )
