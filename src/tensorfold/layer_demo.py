@@ -1,6 +1,6 @@
 """A small end-to-end demo on an embedded layer stack: parameters, error and speed per format.
 
-The stack is generated deterministically (no download): three linear layers whose
+The stack is generated deterministically (no download): two linear layers whose
 weights have the power-law singular spectra typical of trained networks, so the
 numbers mean something, unlike on white-noise weights. Run ``python -m tensorfold.layer_demo``.
 """
@@ -16,11 +16,11 @@ from torch import nn
 from .nn import FactorizedLinear
 
 FORMATS = ("cp", "tucker", "tt", "ttm")
-WIDTHS = (512, 1024, 1024, 512)
+WIDTHS = (256, 512, 256)
 
 
 def embedded_stack(seed: int = 0) -> nn.Sequential:
-    """Linear layers 512 -> 1024 -> 1024 -> 512 with spectra ``s_k ~ k^-0.8`` (trained-like)."""
+    """Linear layers 256 -> 512 -> 256 with spectra ``s_k ~ k^-0.8`` (trained-like)."""
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(WIDTHS[:-1], WIDTHS[1:]):
@@ -56,7 +56,7 @@ def compress(stack: nn.Sequential, factorization: str, rank: float) -> nn.Sequen
     ])
 
 
-def main(rank: float = 0.1, rows: int = 256) -> list[dict[str, object]]:
+def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
     """Compress the embedded stack with every format at ``rank``; print and return a table."""
     torch.manual_seed(0)
     stack = embedded_stack()
