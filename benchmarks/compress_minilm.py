@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the demo extra installed):
     python benchmarks/compress_minilm.py --budgets 0.5 0.25 --formats tt cp tucker ttm auto \
-        --distill-steps 300 --out benchmarks/minilm_results.json
+        --out benchmarks/minilm_results.json
 
 Each run loads a fresh MiniLM, converts its 36 encoder linear layers with
 ``tensorfold.tensorize`` (calibrated on Python's bundled documentation text), optionally
@@ -43,9 +43,10 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
         return {"budget": budget, "format": f"baseline {kw['baseline']}", "kept": report.kept,
                 "seconds": time.perf_counter() - start, "layerwise": vars(fid), "final": vars(fid)}
     r = demo.run_demo(budget=budget, factorization=fmt, n_calibration=n_cal, distill_steps=distill_steps,
-                      refine_steps=refine, progress=False, print_fn=lines.append)
+                      refine_steps=refine, progress=False, print_fn=lines.append, lr=kw["lr"],
+                      time_limit=kw["time_limit"] or None)
     return {"budget": budget, "format": fmt, "kept": r["report"].kept, "seconds": r["seconds"],
-            "fit_seconds": r["fit_seconds"], "distill_steps": distill_steps,
+            "fit_seconds": r["fit_seconds"], "distill_steps": r["distill_steps_done"],
             "layerwise": vars(r["before_distill"]), "final": vars(r["fidelity"]),
             "formats_chosen": sorted({lp.factorization for lp in r["report"].layers})}
 
@@ -54,7 +55,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--formats", nargs="+", default=["tt", "cp", "tucker", "ttm", "auto"])
-    p.add_argument("--distill-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--time-limit", type=float, default=540, help="seconds per run (0: none), as the demo")
     p.add_argument("--calibration-sentences", type=int, default=512)
     p.add_argument("--refine-steps", type=int, default=50)
     p.add_argument("--baselines", action="store_true")
@@ -71,15 +74,17 @@ def main() -> None:
             results.append(res)
             print(json.dumps(res))
         for fmt in a.formats:
-            res = one(budget, fmt, a.distill_steps, a.calibration_sentences, a.refine_steps)
+            res = one(budget, fmt, a.distill_steps, a.calibration_sentences, a.refine_steps,
+                      lr=a.lr, time_limit=a.time_limit)
             results.append(res)
             print(json.dumps(res), flush=True)
-    print("| budget | format | kept | layer-wise mean cos | final mean cos | final min cos | 10-NN | time (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| budget | format | kept | layer-wise mean cos | final mean cos | final min cos | 10-NN "
+          "| distill steps | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['budget']} | {r['format']} | {r['kept']:.3f} | {r['layerwise']['mean_cosine']:.4f} | "
               f"{r['final']['mean_cosine']:.4f} | {r['final']['min_cosine']:.4f} | "
-              f"{r['final']['knn_agreement']:.3f} | {r['seconds']:.0f} |")
+              f"{r['final']['knn_agreement']:.3f} | {r.get('distill_steps', 0)} | {r['seconds']:.0f} |")
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(results, fh, indent=1)

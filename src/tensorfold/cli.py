@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,7 @@ def _write_outputs(out: Path, report: Any, fid: Any, extra: dict[str, Any]) -> N
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .convert import core, demo, io
-    from .convert import distill as distill_mod
+    from .convert import demo
     from .errors import TensorfoldError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,37 +77,41 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"tensorfold compress: needs sentence-transformers; {demo.DEMO_INSTALL}", file=sys.stderr)
         return 2
     teacher = SentenceTransformer(str(model_dir), device="cpu").eval()
-    from .convert.corpus import calibration_and_evaluation_sentences
-
-    cal, ev = calibration_and_evaluation_sentences(args.calibration_sentences, args.evaluation_sentences)
-    cal_b, ev_b = demo.batches_for(teacher, cal), demo.batches_for(teacher, ev)
-    ref = demo.embed(teacher, ev_b)
-    student = copy.deepcopy(teacher)
-    start = time.perf_counter()
     try:
-        report = core.tensorize(student, budget=args.budget, factorization=args.factorization,
-                                targets=args.targets, exclude=args.exclude, calibration=cal_b,
-                                refine_steps=args.refine_steps, progress=not args.no_progress)
-        if args.distill_steps > 0:
-            distill_mod.distill(student, teacher, cal_b, steps=args.distill_steps, lr=args.lr,
-                                loss_fn=demo.token_loss, progress=not args.no_progress)
+        res = demo.run_demo(
+            budget=args.budget, factorization=args.factorization, n_calibration=args.calibration_sentences,
+            n_evaluation=args.evaluation_sentences, distill_steps=args.distill_steps, lr=args.lr,
+            refine_steps=args.refine_steps, progress=not args.no_progress, teacher=teacher,
+            targets=args.targets, exclude=args.exclude, n_distill=args.distill_sentences,
+            time_limit=args.time_limit if args.time_limit > 0 else None, out_dir=None)
     except TensorfoldError as exc:
         print(f"tensorfold compress: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    report.seconds = time.perf_counter() - start
-    fid = demo.fidelity(demo.embed(student, ev_b), ref)
-    print(report)
-    print(f"linear parameters kept: {report.params_after:,} of {report.params_before:,} "
-          f"({100 * report.kept:.1f}%)")
-    print(f"time taken (calibration + fitting + distillation): {report.seconds:.0f} s")
-    print(f"fidelity on {len(ev)} held-out sentences: {fid}")
+    report, fid = res["report"], res["fidelity"]
+    print(f"fidelity on {res['n_evaluation']} held-out sentences: {fid}")
     if args.out:
+        from .convert import io
+
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = io.save(student, out / "model.safetensors")
-        _write_outputs(out, report, fid, {"model_dir": str(model_dir), "distill_steps": args.distill_steps})
+        path = io.save(res["student"], out / "model.safetensors")
+        fresh = io.load(path, copy.deepcopy(res["teacher"]))
+        probe = demo.batches_for(teacher, ["A sentence to check the saved model.", "And another one."])
+        same = torch_equal(demo.embed(fresh, probe), demo.embed(res["student"], probe))
+        print(f"reloaded {path} into a fresh copy of the model: identical outputs = {same}")
+        _write_outputs(out, report, fid, {
+            "model_dir": str(model_dir), "distill_steps": res["distill_steps_done"],
+            "fit_seconds": res["fit_seconds"], "layerwise_mean_cosine": res["before_distill"].mean_cosine,
+            "n_calibration": res["n_calibration"], "n_distill": res["n_distill"],
+            "n_evaluation": res["n_evaluation"], "reload_identical": same})
         print(f"wrote {path}, {out / 'report.txt'}, {out / 'report.json'}, {out / 'layers.png'}")
     return 0
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -132,10 +134,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the linear parameters to keep")
     p.add_argument("--factorization", default="tt", help="cp, tucker, tt, ttm or auto (default tt)")
-    p.add_argument("--distill-steps", type=int, default=300, help="end-to-end refinement steps (0: none)")
-    p.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
+    p.add_argument("--distill-steps", type=int, default=2000,
+                   help="most end-to-end distillation steps (0: none); --time-limit usually ends it first")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak distillation learning rate")
+    p.add_argument("--time-limit", type=float, default=540,
+                   help="seconds for calibration + fitting + distillation (distillation gets the rest; 0: none)")
+    p.add_argument("--distill-sentences", type=int, default=None,
+                   help="distillation sentences (default: all that are not held out for evaluation)")
     p.add_argument("--refine-steps", type=int, default=50, help="L-BFGS steps of the layer-wise refinement")
-    p.add_argument("--calibration-sentences", type=int, default=1024)
+    p.add_argument("--calibration-sentences", type=int, default=512)
     p.add_argument("--evaluation-sentences", type=int, default=512)
     p.add_argument("--out", default=None, help="directory for model.safetensors, report.{txt,json}, layers.png")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -208,3 +208,46 @@ def test_distill_lowers_the_loss() -> None:
     assert sum(losses[-4:]) < sum(losses[:4])
     with pytest.raises(ConversionError, match="steps=-1 must be an int >= 0"):
         tensorfold.convert.distill(student, teacher, calib(1), steps=-1)
+
+
+def test_distill_matches_intermediate_features_and_trains_norms() -> None:
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    norm_before = student.blocks[0].norm.weight.detach().clone()
+    x = calib(1, seed=5)[0]
+    err0 = float((student(x) - teacher(x)).norm() / teacher(x).norm())
+    losses = tensorfold.convert.distill(student, teacher, calib(4), steps=60, lr=3e-3, progress=False,
+                                        features="blocks.*[0-9]", parameters="factorized+norms")
+    assert len(losses) == 60 and sum(losses[-4:]) < sum(losses[:4])
+    assert not torch.equal(student.blocks[0].norm.weight, norm_before)  # norms are trained too
+    err1 = float((student(x) - teacher(x)).norm() / teacher(x).norm())
+    assert err1 < err0
+    with pytest.raises(ConversionError, match="features='nothing' matches no module"):
+        tensorfold.convert.distill(student, teacher, calib(1), steps=1, features="nothing")
+    with pytest.raises(ConversionError, match="parameters='some'"):
+        tensorfold.convert.distill(student, teacher, calib(1), steps=1, parameters="some")
+
+
+def test_distill_time_limit_ends_the_run_early() -> None:
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    losses = tensorfold.convert.distill(student, teacher, calib(2), steps=100000, lr=1e-3,
+                                        progress=False, max_seconds=0.5)
+    assert 0 < len(losses) < 100000
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    from tensorfold.convert.distill import _lr_factor
+
+    assert _lr_factor(0.0, 0.1) < 0.05 and abs(_lr_factor(0.1, 0.1) - 1) < 1e-9
+    assert _lr_factor(0.5, 0.1) > _lr_factor(0.9, 0.1) > 0 and _lr_factor(1.0, 0.1) < 1e-9
+
+
+def test_training_sentences_are_disjoint_from_evaluation() -> None:
+    from tensorfold.convert.corpus import calibration_and_evaluation_sentences, training_sentences
+
+    cal, ev = calibration_and_evaluation_sentences(64, 128)
+    train = training_sentences(128)
+    assert train[:64] == cal and not set(train) & set(ev) and len(train) > 1000

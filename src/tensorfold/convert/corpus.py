@@ -13,7 +13,7 @@ import importlib
 import inspect
 import re
 
-__all__ = ["english_sentences", "calibration_and_evaluation_sentences"]
+__all__ = ["english_sentences", "calibration_and_evaluation_sentences", "training_sentences"]
 
 # Standard-library modules with prose docstrings; importing them has no side effects.
 _STDLIB_MODULES: tuple[str, ...] = (
@@ -117,3 +117,15 @@ def calibration_and_evaluation_sentences(
             f"{len(pool)} distinct sentences are available offline"
         )
     return pool[:n_calibration], pool[len(pool) - n_evaluation :]
+
+
+def training_sentences(n_evaluation: int = 512, n_training: int | None = None) -> list[str]:
+    """Sentences for calibration and distillation: every sentence of the pool that is not
+    one of the ``n_evaluation`` evaluation sentences of
+    :func:`calibration_and_evaluation_sentences` (the first ``n_training`` of them if given).
+    The calibration sentences are its first ones."""
+    pool = english_sentences()
+    if n_evaluation >= len(pool):
+        raise ValueError(f"n_evaluation={n_evaluation}, but only {len(pool)} sentences are available")
+    train = pool[: len(pool) - n_evaluation]
+    return train if n_training is None else train[:n_training]

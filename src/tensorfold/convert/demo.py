@@ -101,48 +101,87 @@ def token_loss(student_out: Any, teacher_out: Any, batch: Any) -> Tensor:
     return tok + (1 - cos).mean()
 
 
+# The outputs of the transformer blocks, matched during distillation (BERT-style names).
+BLOCK_FEATURES = ("*encoder.layer.[0-9]", "*encoder.layer.[0-9][0-9]")
+
+
 def run_demo(
     budget: float = 0.5,
     factorization: str = "tt",
-    n_calibration: int = 1024,
+    n_calibration: int = 512,
     n_evaluation: int = 512,
-    distill_steps: int = 300,
-    lr: float = 5e-4,
+    distill_steps: int = 2000,
+    lr: float = 1e-4,
     refine_steps: int = 50,
     progress: bool = True,
     out_dir: str | None = None,
     print_fn: Any = print,
+    teacher: nn.Module | None = None,
+    targets: Any = ENCODER_TARGETS,
+    exclude: Any = None,
+    n_distill: int | None = None,
+    time_limit: float | None = 540.0,
+    features: Any = BLOCK_FEATURES,
+    feature_weight: float = 1.0,
+    distill_parameters: str = "factorized+norms",
 ) -> dict[str, Any]:
-    """Compress MiniLM's 36 encoder linear layers to ``budget`` and report fidelity."""
+    """Compress a sentence-transformers model (default: MiniLM's 36 encoder linear layers)
+    to ``budget`` and report fidelity on held-out sentences.
+
+    Calibration uses the first ``n_calibration`` sentences of the pool; distillation all
+    sentences not held out for evaluation (or the first ``n_distill``), matching the final
+    embeddings and the outputs of the modules named by ``features``. ``time_limit`` caps
+    the whole run (calibration + fitting + distillation, in seconds): distillation gets
+    what the fitting left and anneals its learning rate to fit (``None``: no cap).
+    """
     from . import core
+    from .corpus import training_sentences
     from .io import load, save
 
     torch.manual_seed(0)
-    teacher = load_minilm()
+    teacher = load_minilm() if teacher is None else teacher
     cal, ev = calibration_and_evaluation_sentences(n_calibration, n_evaluation)
     cal_b, ev_b = batches_for(teacher, cal), batches_for(teacher, ev)
     ref = embed(teacher, ev_b)
     student = copy.deepcopy(teacher)
     start = time.perf_counter()
-    report = core.tensorize(student, budget=budget, factorization=factorization, targets=ENCODER_TARGETS,
-                            calibration=cal_b, refine_steps=refine_steps, progress=progress)
+    report = core.tensorize(student, budget=budget, factorization=factorization, targets=targets,
+                            exclude=exclude, calibration=cal_b, refine_steps=refine_steps,
+                            progress=progress)
     t_fit = time.perf_counter() - start
     before = fidelity(embed(student, ev_b), ref)
     losses: list[float] = []
+    train: list[str] = []
     if distill_steps > 0:
-        losses = distill(student, teacher, cal_b, steps=distill_steps, lr=lr, loss_fn=token_loss,
-                         progress=progress)
+        train = training_sentences(n_evaluation, n_distill)
+        assert not set(train) & set(ev)
+        train_b = batches_for(teacher, train)
+        if features is not None:
+            pats = [features] if isinstance(features, str) else list(features)
+            import fnmatch
+
+            if not any(fnmatch.fnmatchcase(n, p) for n, _ in student.named_modules() for p in pats):
+                features = None  # not a BERT-style encoder: match the final output only
+        left = None if time_limit is None else time_limit - (time.perf_counter() - start)
+        if left is None or left > 0:
+            losses = distill(student, teacher, train_b, steps=distill_steps, lr=lr, loss_fn=token_loss,
+                             progress=progress, features=features, feature_weight=feature_weight,
+                             parameters=distill_parameters, max_seconds=left)
     seconds = time.perf_counter() - start
+    report.seconds = seconds
     after = fidelity(embed(student, ev_b), ref)
     result = {"report": report, "fit_seconds": t_fit, "seconds": seconds, "before_distill": before,
-              "fidelity": after, "losses": losses, "student": student, "teacher": teacher}
+              "fidelity": after, "losses": losses, "student": student, "teacher": teacher,
+              "n_calibration": len(cal), "n_evaluation": len(ev), "n_distill": len(train),
+              "distill_steps_done": len(losses)}
     print_fn(str(report))
-    print_fn(f"calibration sentences: {len(cal)}, evaluation sentences: {len(ev)} (disjoint)")
-    print_fn(f"encoder linear parameters kept: {report.params_after:,} of {report.params_before:,} "
+    print_fn(f"calibration sentences: {len(cal)}, distillation sentences: {len(train)}, "
+             f"evaluation sentences: {len(ev)} (held out: disjoint from both)")
+    print_fn(f"linear parameters kept: {report.params_after:,} of {report.params_before:,} "
              f"({100 * report.kept:.1f}%)")
     print_fn(f"after layer-wise fitting ({t_fit:.0f} s): {before}")
-    if distill_steps > 0:
-        print_fn(f"after {distill_steps} distillation steps: {after}")
+    if losses:
+        print_fn(f"after {len(losses)} distillation steps: {after}")
     print_fn(f"time taken (calibration + fitting + distillation): {seconds:.0f} s")
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -151,4 +190,5 @@ def run_demo(
         same = torch.equal(embed(fresh, ev_b[:2]), embed(student, ev_b[:2]))
         print_fn(f"saved to {path}; reloaded into a fresh copy: identical outputs = {same}")
         result["reload_identical"] = same
+        result["path"] = path
     return result

@@ -1,9 +1,18 @@
-"""A short end-to-end refinement of a converted model against the original one."""
+"""A short end-to-end refinement of a converted model against the original one.
+
+Besides the model's output, the student can be taught the teacher's *intermediate*
+outputs (``features=``: glob patterns of module names, e.g. every transformer block).
+Matching every block's output gives each layer a direct training signal, which is far
+more sample-efficient than the final output alone.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
-from collections.abc import Callable, Iterable
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -13,10 +22,76 @@ from ..errors import ConversionError
 from ..nn import FactorizedLinear
 from ._util import ForwardFn, as_batches, call_model, output_tensor
 
+__all__ = ["distill", "relative_mse", "trainable_parameters"]
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
 
 def relative_mse(student: Tensor, teacher: Tensor) -> Tensor:
     """``||s - t||^2 / ||t||^2`` over the batch."""
     return (student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-12)
+
+
+def trainable_parameters(student: nn.Module, parameters: str) -> list[nn.Parameter]:
+    """The parameters ``distill`` trains.
+
+    ``'factorized'``: factors and biases of the ``FactorizedLinear`` layers;
+    ``'factorized+norms'``: those plus every normalisation layer's parameters and every
+    other bias (cheap, and they absorb the shift the compression causes);
+    ``'all'``: every parameter of the student that requires a gradient.
+    """
+    if parameters == "factorized":
+        return [p for m in student.modules() if isinstance(m, FactorizedLinear)
+                for p in m.parameters()]
+    if parameters == "factorized+norms":
+        seen: set[int] = set()
+        out: list[nn.Parameter] = []
+        for m in student.modules():
+            if isinstance(m, FactorizedLinear):
+                chosen = list(m.parameters())
+            elif isinstance(m, _NORMS):
+                chosen = list(m.parameters(recurse=False))
+            else:
+                chosen = [p for n, p in m.named_parameters(recurse=False) if n == "bias"]
+            for p in chosen:
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+    if parameters == "all":
+        return [p for p in student.parameters() if p.requires_grad]
+    raise ConversionError(
+        f"parameters={parameters!r} must be 'factorized', 'factorized+norms' or 'all'")
+
+
+def _lr_factor(progress: float, warmup: float) -> float:
+    """Linear warmup over the first ``warmup`` of the run, then a cosine decay to zero."""
+    if progress < warmup:
+        return (progress + 1e-3) / (warmup + 1e-3)
+    t = (progress - warmup) / max(1e-9, 1 - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class _Taps:
+    """Forward hooks that keep the outputs of the named modules of one model."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.out: dict[str, Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: Any, output: Any) -> None:
+            self.out[name] = output_tensor(output)
+
+        return fn
+
+    def take(self) -> dict[str, Tensor]:
+        out, self.out = self.out, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def distill(
@@ -30,21 +105,37 @@ def distill(
     forward: ForwardFn = call_model,
     output_fn: Callable[[Any], Tensor] = output_tensor,
     progress: bool = True,
+    features: str | Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    warmup: float = 0.05,
+    weight_decay: float = 0.0,
+    max_seconds: float | None = None,
 ) -> list[float]:
-    """Train ``student`` for ``steps`` AdamW steps to reproduce ``teacher``'s outputs.
+    """Train ``student`` for ``steps`` AdamW steps to reproduce ``teacher``.
 
     ``loss = ||output_fn(student(b)) - output_fn(teacher(b))||^2 / ||output_fn(teacher(b))||^2``
-    by default, or ``loss_fn(student_out, teacher_out, batch)``. Both models run in eval mode
-    (no dropout); the teacher under ``torch.no_grad()``. Teacher outputs are cached per batch.
+    by default, or ``loss_fn(student_out, teacher_out, batch)``; plus, with ``features``,
+    ``feature_weight`` times the mean over the matched modules of the relative squared
+    error of their outputs. Both models run in eval mode (no dropout); the teacher under
+    ``torch.no_grad()``. The learning rate warms up linearly over the first ``warmup``
+    fraction of the steps, then decays to zero on a cosine.
 
     Args:
         student: the converted model (trained in place).
         teacher: the original model (unchanged).
-        data: batches of model inputs, cycled.
+        data: batches of model inputs, cycled (shuffled once per pass after the first).
         steps: optimiser steps.
-        lr: AdamW learning rate (cosine-decayed to zero).
-        parameters: ``'factorized'`` (factors and biases of the ``FactorizedLinear`` layers)
-            or ``'all'`` (every parameter of the student).
+        lr: peak AdamW learning rate.
+        parameters: ``'factorized'``, ``'factorized+norms'`` or ``'all'``
+            (see :func:`trainable_parameters`).
+        features: glob pattern(s) on module names (the same rule as ``tensorize``'s
+            ``targets``, any module type) whose outputs are matched to the teacher's.
+        feature_weight: weight of the feature loss.
+        warmup: fraction of the steps spent warming the learning rate up.
+        weight_decay: AdamW weight decay.
+        max_seconds: a time limit: the learning-rate schedule then runs on whichever of
+            steps done and time spent is further along, and training ends when either
+            is used up (so a slow machine does fewer steps but still anneals to zero).
 
     Returns:
         The loss at every step.
@@ -56,37 +147,63 @@ def distill(
         raise ConversionError("data must be an iterable of model inputs")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConversionError(f"steps={steps!r} must be an int >= 0")
-    if parameters == "factorized":
-        params = [p for m in student.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()]
-    elif parameters == "all":
-        params = [p for p in student.parameters() if p.requires_grad]
-    else:
-        raise ConversionError(f"parameters={parameters!r} must be 'factorized' or 'all'")
+    params = trainable_parameters(student, parameters)
     if not params:
-        raise ConversionError("the student has no parameters to train (no FactorizedLinear layers?)")
+        raise ConversionError(
+            "the student has no parameters to train (no FactorizedLinear layers?)")
+    names: list[str] = []
+    if features is not None:
+        pats = [features] if isinstance(features, str) else list(features)
+        names = [n for n, _ in student.named_modules()
+                 if n and any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not names:
+            raise ConversionError(f"features={features!r} matches no module of the student")
     loss_fn = loss_fn or (lambda s, t, b: relative_mse(output_fn(s), output_fn(t)))
     was_training = (student.training, teacher.training)
     student.eval()
     teacher.eval()
-    cache: dict[int, Any] = {}
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(1, steps))).item()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    s_taps = _Taps(student, names) if names else None
+    t_taps = _Taps(teacher, names) if names else None
+    gen = torch.Generator().manual_seed(0)
+
+    def order() -> Iterable[int]:
+        yield from range(len(batches))
+        while True:
+            yield from torch.randperm(len(batches), generator=gen).tolist()
+
     losses: list[float] = []
+    start = time.perf_counter()
     try:
         with torch.enable_grad():
-            for step, i in zip(tqdm(range(steps), desc="distilling", disable=not progress, leave=False),
-                               itertools.cycle(range(len(batches)))):
-                if i not in cache:
-                    with torch.no_grad():
-                        cache[i] = forward(teacher, batches[i])
-                loss = loss_fn(forward(student, batches[i]), cache[i], batches[i])
+            bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
+            for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
+                with torch.no_grad():
+                    t_out = forward(teacher, batches[i])
+                    t_feat = t_taps.take() if t_taps else {}
+                s_out = forward(student, batches[i])
+                loss = loss_fn(s_out, t_out, batches[i])
+                if s_taps is not None:
+                    s_feat = s_taps.take()
+                    feat = sum(relative_mse(s_feat[n], t_feat[n]) for n in names if n in t_feat)
+                    loss = loss + feature_weight * feat / len(names)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # The schedule follows the steps done or, with max_seconds, the time spent,
+                # whichever is further along; the run ends when either is used up.
+                done = len(losses) / max(1, steps)
+                if max_seconds is not None:
+                    done = max(done, (time.perf_counter() - start) / max_seconds)
+                if done >= 1.0:
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = lr * _lr_factor(done, warmup)
                 opt.step()
-                sched.step()
                 losses.append(float(loss.detach()))
     finally:
+        for taps in (s_taps, t_taps):
+            if taps is not None:
+                taps.remove()
         student.train(was_training[0])
         teacher.train(was_training[1])
     return losses

@@ -159,21 +159,13 @@ def fit_weight(
     candidates = [problem.low_rank(_matrix_rank_budget(weight))] if data_aware else []
     candidates.append(problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol))
     for i, dense in enumerate(candidates):
-        try:
-            fit_err = weight.fit_(dense.float().reshape(modes))
-        except RuntimeError:  # a decomposition that fails on this shape/rank: try the next start
-            continue
+        fit_err = weight.fit_(dense.float().reshape(modes))
         if i == 0 and data_aware and fit_err < 1e-4:
             exact = True
         with torch.no_grad():
             starts.append((problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors]))
         if exact:
             break
-    if not starts:  # no decomposition worked: refine from the format's random init
-        weight.reset_parameters()
-        with torch.no_grad():
-            starts.append((problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors]))
-        refine_steps = max(refine_steps, 100)
     best_err, best = min(starts, key=lambda s: s[0])
     weight._copy_factors_(best)
     if exact or not data_aware or refine_steps <= 0:
