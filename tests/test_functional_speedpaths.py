@@ -65,15 +65,20 @@ def test_lean_function_gradcheck(fmt: str) -> None:
     factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.factors]
     prog = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 4)
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *f: _LeanFactorized.apply(prog.forward, False, x, *f), (x, *factors))
+    def lean(x, *f):
+        return _LeanFactorized.apply(prog.forward, False, x, *f)
+
+    assert torch.autograd.gradcheck(lean, (x, *factors))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("in_modes,out_modes", [((2, 3), (3, 2)), ((4, 4, 4), (4, 4, 4))])
 def test_fused_bias_matches_dense_and_gradchecks(fmt: str, in_modes, out_modes) -> None:
-    """Where the plan's last GEMM is ``addmm(bias, ...)``: dense float64 equality, plain and lean."""
+    """Last GEMM as ``addmm(bias, ...)``: dense float64 equality, gradcheck plain and lean."""
     torch.manual_seed(0)
-    layer = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=0.5, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        in_modes, out_modes, factorization=fmt, rank=0.5, dtype=torch.float64
+    )
     factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.factors]
     bias = layer.bias.detach().clone().requires_grad_(True)
     prog = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 4)
@@ -81,11 +86,15 @@ def test_fused_bias_matches_dense_and_gradchecks(fmt: str, in_modes, out_modes) 
     ref = torch.nn.functional.linear(x.reshape(4, -1), layer.weight.to_matrix(), layer.bias)
     fused = prog.forward.with_bias(bias, x, *factors)
     torch.testing.assert_close(fused.reshape(4, -1), ref)
-    assert torch.autograd.gradcheck(lambda x, b, *f: prog.forward.with_bias(b, x, *f), (x, bias, *factors))
+    def fused(x, b, *f):
+        return prog.forward.with_bias(b, x, *f)
+
+    assert torch.autograd.gradcheck(fused, (x, bias, *factors))
     if prog.forward.fuses_bias:
-        assert torch.autograd.gradcheck(
-            lambda x, b, *f: _LeanFactorized.apply(prog.forward, True, x, *f, b), (x, bias, *factors)
-        )
+        def lean(x, b, *f):
+            return _LeanFactorized.apply(prog.forward, True, x, *f, b)
+
+        assert torch.autograd.gradcheck(lean, (x, bias, *factors))
 
 
 def test_forward_plans_end_in_output_order() -> None:

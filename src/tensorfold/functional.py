@@ -259,14 +259,18 @@ class _LeanFactorized(torch.autograd.Function):
     """
 
     @staticmethod
-    def _run(plan: ContractionPlan, fused_bias: bool, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    def _run(
+        plan: ContractionPlan, fused_bias: bool, x: Tensor, factors: Sequence[Tensor]
+    ) -> Tensor:
         # With a fused bias it is the last operand: the last GEMM is addmm(bias, ...).
         if fused_bias:
             return plan.with_bias(factors[-1], x, *factors[:-1])
         return plan(x, *factors)
 
     @staticmethod
-    def forward(ctx, plan: ContractionPlan, fused_bias: bool, x: Tensor, *factors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, plan: ContractionPlan, fused_bias: bool, x: Tensor, *factors: Tensor
+    ) -> Tensor:
         ctx.plan = plan
         ctx.fused_bias = fused_bias
         ctx.save_for_backward(x, *factors)
@@ -278,9 +282,10 @@ class _LeanFactorized(torch.autograd.Function):
         x, *factors = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(n) for t, n in zip((x, *factors), needs)]
+            pairs = zip((x, *factors), needs, strict=True)
+            inputs = [t.detach().requires_grad_(n) for t, n in pairs]
             y = _LeanFactorized._run(ctx.plan, ctx.fused_bias, inputs[0], inputs[1:])
-            wanted = [t for t, n in zip(inputs, needs) if n]
+            wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
             grads = iter(torch.autograd.grad(y, wanted, grad)) if wanted else iter(())
         return (None, None, *[next(grads) if n else None for n in needs])
 

@@ -336,7 +336,9 @@ class ContractionPlan:
             return self._sliced(operands)
         return self._run(operands)
 
-    def _run(self, operands: tuple[Tensor, ...] | list[Tensor], bias: Tensor | None = None) -> Tensor:
+    def _run(
+        self, operands: tuple[Tensor, ...] | list[Tensor], bias: Tensor | None = None
+    ) -> Tensor:
         values: list[Tensor | None] = list(operands)
         last = self.steps[-1]
         for step in self.steps:
@@ -348,7 +350,10 @@ class ContractionPlan:
                 continue
             b = _bring(values[step.b.slot], step.b)  # type: ignore[arg-type]
             if step.kind == "mm":
-                r = torch.mm(a, b) if bias is None or step is not last else torch.addmm(bias.to(a.dtype), a, b)
+                if bias is None or step is not last:
+                    r = torch.mm(a, b)
+                else:
+                    r = torch.addmm(bias.to(a.dtype), a, b)
             elif step.kind == "bmm":
                 r = torch.bmm(a, b)
             else:
@@ -422,7 +427,9 @@ def _compile(
         last = n_step == len(path) - 1
         # The last step tries both operand orders, with the free labels as they come and
         # in output order; each is priced with its copies and the final permute it leaves.
-        options = [(swap, order) for order in ("", output) for swap in (False, True)] if last else [(False, "")]
+        options = [(False, "")]
+        if last:
+            options = [(swap, order) for order in ("", output) for swap in (False, True)]
         out_bytes = math.prod(sizes[c] for c in output) * itemsize
         best = None
         for swap, order in options:
