@@ -102,8 +102,12 @@ def build_candidates(
                 cands[f"{fmt}|{frac}|{impl}"] = layer
             if tltorch is not None and fmt in TLTORCH_NAME:
                 for impl in ("factorized", "reconstructed"):
-                    if fmt == "cp" and impl == "reconstructed" and frac * in_f * out_f > 2e5:
-                        continue  # allocates a Khatri-Rao product of all modes (GBs, minutes)
+                    if fmt == "cp" and impl == "reconstructed" and (
+                        frac * in_f * out_f > 2e5 or in_f * out_f > 2**22
+                    ):
+                        # Allocates a Khatri-Rao product of all modes (GBs, minutes): at
+                        # 4096x4096 and 1% it asked for 7.3 GB and the OOM killer took the run.
+                        continue
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
