@@ -8,6 +8,7 @@ Example:
 """
 
 from . import functional
+from .convert import distill, load, plan, revert, save, tensorize
 from .errors import (
     ConversionError,
     DecompositionError,
@@ -31,6 +32,12 @@ __all__ = [
     "get_format",
     "tensorized_shape",
     "functional",
+    "plan",
+    "tensorize",
+    "revert",
+    "distill",
+    "save",
+    "load",
     "TensorfoldError",
     "ShapeError",
     "RankError",

@@ -1,7 +1,7 @@
 """Pure-tensor forms of a factorized linear layer: tensors in, tensor out.
 
-No modules, no state beyond the plan caches of :mod:`tensorfold.plan`, no I/O.
-``network`` (a :class:`~tensorfold.plan.Network`) says how the factors contract;
+No modules, no state beyond the plan caches of :mod:`tensorfold.contraction`, no I/O.
+``network`` (a :class:`~tensorfold.contraction.Network`) says how the factors contract;
 each format provides one (``tensorfold.formats.get_format(name).network_for(n_out, n_in)``).
 
 Everything that depends only on shapes (the contraction orders of the forward and
@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from .errors import ImplementationError, ShapeError
-from .plan import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
+from .contraction import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -308,7 +308,7 @@ def factorized_linear(
     Args:
         x: input of shape ``(*, in_features)``.
         factors: the single-layer factors of the format, in order.
-        network: the format's :class:`~tensorfold.plan.Network`.
+        network: the format's :class:`~tensorfold.contraction.Network`.
         bias: optional ``(out_features,)``.
         implementation: ``'factorized'``, ``'reconstructed'`` or ``'auto'``.
         lean_backward: on the factorized path, save only ``x`` and the factors for

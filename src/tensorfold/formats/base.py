@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
-from ..plan import BATCH_LABEL, Network, contraction_plan
+from ..contraction import BATCH_LABEL, Network, contraction_plan
 from ..shapes import check_modes
 
 __all__ = ["FactorizedTensor", "register", "get_format", "FORMATS"]

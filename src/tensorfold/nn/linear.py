@@ -19,7 +19,7 @@ from ..functional import (
     factorized_linear,
     reconstruct_weight,
 )
-from ..plan import batch_bucket
+from ..contraction import batch_bucket
 from ..shapes import check_modes, tensorized_shape
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import tensorfold
-from tensorfold import functional, plan
+from tensorfold import contraction, functional
 from tensorfold.formats import get_format
 from tensorfold.functional import layer_program, reconstruct_weight
-from tensorfold.plan import batch_bucket, contraction_plan
+from tensorfold.contraction import batch_bucket, contraction_plan
 
 FORMATS = ["cp", "tucker", "tt", "ttm"]
 
@@ -56,7 +56,7 @@ def test_plan_is_cached_not_replanned(monkeypatch: pytest.MonkeyPatch) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plan.opt_einsum, "contract_path", counting)
+    monkeypatch.setattr(contraction.opt_einsum, "contract_path", counting)
     _clear_caches()
     layer = tensorfold.FactorizedLinear((4, 4), (4, 2), factorization="tt", rank=0.5, implementation="auto")
     layer(torch.randn(5, 16))  # bucket 8
