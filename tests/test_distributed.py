@@ -107,10 +107,14 @@ def _run_case(mode: str, case: tuple, seed: int, rank: int) -> dict[str, torch.T
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(model)
         train(wrapped, local)
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model.factorized)
-        fully_shard(model)
+        # An explicit CPU mesh: without one, FSDP2 moves the shards to CUDA wherever a GPU is
+        # visible, and the CPU batches then meet cuda parameters (seen on an H100 machine).
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(model.factorized, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         train(model, local)
     return {k: _full(v) for k, v in model.state_dict().items()}
 
