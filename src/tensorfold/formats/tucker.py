@@ -80,8 +80,10 @@ class TuckerTensor(FactorizedTensor):
         from ..decompose import tucker_hooi
 
         self._check_options(options)
-        # HOOI gains < 1e-3 relative error after a few sweeps on layer weights; 20 bounds the time.
-        options.setdefault("n_iter_max", 20)
+        # HOOI sweeps are cheap (~15 ms on a 1024x1024 weight): run up to 100, as tensorly does,
+        # so the fit is never worse than its `tucker` at the same ranks (seen: 20 sweeps were).
+        options.setdefault("n_iter_max", 100)
+        options.setdefault("tol", 1e-8)
         core, factors, error = tucker_hooi(self._check_dense(tensor), list(self.rank), **options)
         self._copy_factors_([core, *factors])
         return error
