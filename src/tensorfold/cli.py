@@ -115,6 +115,7 @@ def torch_equal(a: Any, b: Any) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import layer_demo
     from .convert import demo
 
     try:
@@ -124,6 +125,10 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"tensorfold demo: {demo.DEMO_INSTALL}" if isinstance(exc, ImportError) else f"tensorfold demo: {exc}",
               file=sys.stderr)
         return 2
+    # Part 1 (seconds): one layer stack, every format: parameters, error and speed.
+    layer_demo.main()
+    print()
+    # Part 2: a real pretrained encoder, compressed whole.
     print(f"tensorfold demo: all-MiniLM-L6-v2 from {model_dir}, all 36 encoder linear layers, "
           f"budget {args.budget}, factorization {args.factorization!r}, {os.cpu_count()} CPU cores")
     args.model_dir = model_dir
