@@ -165,18 +165,24 @@ def _pairwise_steps(plan: ContractionPlan) -> _Steps:
 
 @torch.compiler.assume_constant_result
 def _traced_route(
-    network: Network,
+    labels: tuple[tuple[str, ...], str, str],
     shapes: tuple[tuple[int, ...], ...],
     bucket: int,
     device_type: str,
     itemsize: int,
     implementation: str,
 ) -> tuple[str, _Steps]:
-    program = layer_program(network, shapes, bucket, device_type, itemsize)
+    # The network arrives as plain tuples: Dynamo in torch 2.11 cannot rebuild a frozen
+    # dataclass to pass it to an eagerly run function (seen on the GPU image).
+    program = layer_program(Network(*labels), shapes, bucket, device_type, itemsize)
     if implementation == "auto":
         implementation = program.choice
     plan = program.forward if implementation == "factorized" else program.rebuild
     return implementation, _pairwise_steps(plan)
+
+
+def _labels(network: Network) -> tuple[tuple[str, ...], str, str]:
+    return (network.subscripts, network.out_labels, network.in_labels)
 
 
 def _run_steps(steps: _Steps, operands: Sequence[Tensor]) -> Tensor:
@@ -207,7 +213,7 @@ def _traced_linear(
     bucket = batch_bucket(rows) if has_static_value(rows) else _SYMBOLIC_BUCKET
     f0 = factors[0]
     implementation, steps = _traced_route(
-        network, shapes, bucket, f0.device.type, f0.dtype.itemsize, implementation
+        _labels(network), shapes, bucket, f0.device.type, f0.dtype.itemsize, implementation
     )
     if implementation == "reconstructed":
         return F.linear(x, _run_steps(steps, factors).reshape(n_out, n_in), bias)
@@ -229,7 +235,7 @@ def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     shapes = tuple(tuple(f.shape) for f in factors)
     if torch.compiler.is_compiling():
         _, steps = _traced_route(
-            network, shapes, 1, f0.device.type, f0.dtype.itemsize, "reconstructed"
+            _labels(network), shapes, 1, f0.device.type, f0.dtype.itemsize, "reconstructed"
         )
         out_modes, in_modes = _mode_sizes(network, shapes)
         return _run_steps(steps, factors).reshape(math.prod(out_modes), math.prod(in_modes))
