@@ -229,6 +229,24 @@ def test_distill_matches_intermediate_features_and_trains_norms() -> None:
         tensorfold.convert.distill(student, teacher, calib(1), steps=1, parameters="some")
 
 
+def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> None:
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    runs, calls = [], []
+    for cache in (False, True):
+        s = copy.deepcopy(student)
+        calls.append(0)
+        handle = teacher.register_forward_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
+        try:
+            runs.append(tensorfold.convert.distill(s, teacher, calib(3), steps=12, lr=1e-3, progress=False,
+                                                   features="blocks.*[0-9]", cache_teacher=cache))
+        finally:
+            handle.remove()
+    assert runs[0] == runs[1]  # bit-identical losses
+    assert calls == [12, 3]  # cached: the teacher runs once per batch
+
+
 def test_distill_time_limit_ends_the_run_early() -> None:
     teacher = tiny()
     student = copy.deepcopy(teacher)

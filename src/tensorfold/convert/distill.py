@@ -110,6 +110,7 @@ def distill(
     warmup: float = 0.05,
     weight_decay: float = 0.0,
     max_seconds: float | None = None,
+    cache_teacher: bool = False,
 ) -> list[float]:
     """Train ``student`` for ``steps`` AdamW steps to reproduce ``teacher``.
 
@@ -136,6 +137,9 @@ def distill(
         max_seconds: a time limit: the learning-rate schedule then runs on whichever of
             steps done and time spent is further along, and training ends when either
             is used up (so a slow machine does fewer steps but still anneals to zero).
+        cache_teacher: keep the teacher's outputs (and matched features) of every batch
+            after its first pass, so later passes skip the teacher's forward. Costs the
+            memory of those outputs; worth it when ``steps`` exceeds the number of batches.
 
     Returns:
         The loss at every step.
@@ -172,15 +176,25 @@ def distill(
         while True:
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
+    cached: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+
+    def teacher_outputs(i: int) -> tuple[Any, dict[str, Tensor]]:
+        if i in cached:
+            return cached[i]
+        with torch.no_grad():
+            out = forward(teacher, batches[i])
+            feat = t_taps.take() if t_taps else {}
+        if cache_teacher:
+            cached[i] = (out, feat)
+        return out, feat
+
     losses: list[float] = []
     start = time.perf_counter()
     try:
         with torch.enable_grad():
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
             for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
-                with torch.no_grad():
-                    t_out = forward(teacher, batches[i])
-                    t_feat = t_taps.take() if t_taps else {}
+                t_out, t_feat = teacher_outputs(i)
                 s_out = forward(student, batches[i])
                 loss = loss_fn(s_out, t_out, batches[i])
                 if s_taps is not None:
@@ -204,6 +218,7 @@ def distill(
         for taps in (s_taps, t_taps):
             if taps is not None:
                 taps.remove()
+        cached.clear()
         student.train(was_training[0])
         teacher.train(was_training[1])
     return losses
