@@ -176,7 +176,7 @@ def input_groups(
 @torch.no_grad()
 def record_inputs(
     model: nn.Module, names: Sequence[str], batches: Sequence[Any], forward: ForwardFn = call_model,
-    limit_bytes: int = 2 << 30,
+    limit_bytes: int = 4 << 30,
 ) -> dict[str, list[Tensor | None]] | None:
     """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass.
 
@@ -186,14 +186,21 @@ def record_inputs(
     used = 0
     current = 0
     handles = []
+    # Layers that read the same tensor (query/key/value) share one stored copy.
+    shared: dict[int, tuple[Tensor, Tensor]] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             nonlocal used
-            x = _flat(args[0]).clone()
+            src = args[0]
+            if id(src) in shared and shared[id(src)][0] is src:
+                kept[name][current] = shared[id(src)][1]
+                return
+            x = _flat(src).clone()
             used += x.numel() * x.element_size()
             if used > limit_bytes:
                 raise _Stop
+            shared[id(src)] = (src, x)  # holding src keeps its id unique during the pass
             kept[name][current] = x
 
         return fn
@@ -203,6 +210,7 @@ def record_inputs(
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
         for current, batch in enumerate(batches):  # noqa: B007 - read by the hook
             forward(model, batch)
+            shared.clear()
     except _Stop:
         return None
     finally:
