@@ -8,6 +8,7 @@ when all of them are built swaps them into the model, so a failure leaves it unt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -26,6 +27,7 @@ from ..shapes import tensorized_shape
 from ._util import ForwardFn, as_batches, call_model, match_modules, output_tensor, set_module
 from .calibrate import LayerStats, input_groups, record_inputs, record_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
+from .replay import BlockReplay, block_index, find_stack
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan", "tensorize", "revert"]
 
@@ -476,10 +478,29 @@ def tensorize(
         # One pass of the original model keeps every layer's inputs when they fit in memory;
         # otherwise the original runs alongside the copy in each group's pass.
         original: Any = record_inputs(model, list(by_name), batches, forward) or model
+        # Blocks of a stack whose layers are all fitted are replayed, not recomputed.
+        stack = find_stack(work, list(by_name))
+        replays = {}
+        if stack is not None:
+            replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
+            if original is model:
+                replays[id(model)] = BlockReplay(model, model.get_submodule(stack[0]), batches, forward)
+        starts = [min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
+                  if stack is not None else None for g in groups]
+
+        def replayed_forward(m: nn.Module, batch: Any) -> Any:
+            return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
+
         missing = set(by_name) - {n for g in groups for n in g}
         groups += [[n] for n in by_name if n in missing]
-        for group in groups:
-            gstats = record_stats(work, group, batches, forward, original=original)
+        for g, group in enumerate(groups):
+            # Blocks before the earliest block any unfitted group lives in are final.
+            upto = min((s for s in starts[g:] if s is not None), default=0)
+            with contextlib.ExitStack() as active:
+                for rep in replays.values():
+                    rep.advance(upto)
+                    active.enter_context(rep.active())
+                gstats = record_stats(work, group, batches, replayed_forward, original=original)
             for name in group:
                 lp = by_name[name]
                 layer = _build(lp, linears[name], implementation)

@@ -1,0 +1,146 @@
+"""Replaying the finished blocks of a stack, so sequential calibration costs O(depth).
+
+Sequential fitting recalibrates the model once per group of layers, each time on the
+partly converted model. Run naively, every pass recomputes all the blocks before the group,
+so a model of ``L`` blocks costs ``O(L^2)`` block evaluations. Blocks whose layers are all
+fitted never change again: their output on each calibration batch can be kept and handed
+back instead of recomputed. :class:`BlockReplay` does that for a stack of blocks (an
+``nn.ModuleList``, as in every transformer) and checks on the first batch that the model's
+output with replay is bit-identical to a full forward; if it is not (a block called twice,
+blocks run out of order, an in-place update of a block's output), replay switches itself off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._util import ForwardFn
+
+__all__ = ["BlockReplay", "find_stack"]
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the block whose output is wanted has run."""
+
+
+def find_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` holding the named layers in the most of its children (at
+    least two), or ``None``."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for prefix, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        heads = {f"{prefix}.{i}." if prefix else f"{i}." for i in range(len(mod))}
+        used = sum(any(n.startswith(h) for n in names) for h in heads)
+        if used >= 2 and (best is None or used > best[0]):
+            best = (used, prefix, mod)
+    return None if best is None else (best[1], best[2])
+
+
+def block_index(prefix: str, name: str) -> int | None:
+    """Index of the stack block that contains module ``name``, or ``None``."""
+    head = f"{prefix}." if prefix else ""
+    if not name.startswith(head):
+        return None
+    first = name[len(head):].split(".", 1)[0]
+    return int(first) if first.isdigit() else None
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _tensors(o)]
+    if isinstance(output, dict):
+        return [t for o in output.values() for t in _tensors(o)]
+    return []
+
+
+def _identical(a: Any, b: Any) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+class BlockReplay:
+    """Hands back the cached outputs of blocks ``[0, upto)`` of ``blocks`` during forwards.
+
+    Use :meth:`forward` as the ``forward`` function of the calibration passes (it tells the
+    replayed blocks which batch is running), :meth:`advance` once the blocks before
+    ``upto`` are final, and :meth:`active` around the passes.
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any],
+                 forward: ForwardFn) -> None:
+        self.model, self.blocks, self.batches, self._forward = model, blocks, batches, forward
+        self._index = {id(b): k for k, b in enumerate(batches)}
+        self.upto = 0
+        self.enabled = True
+        self._outputs: list[Any] = []
+        self._current = 0
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        self._current = self._index.get(id(batch), -1)
+        return self._forward(model, batch)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Replace the forwards of blocks ``[0, upto)`` by the cached outputs."""
+        if not self.enabled or self.upto == 0:
+            yield
+            return
+        outputs = self._outputs
+
+        def replayed(*args: Any, **kwargs: Any) -> Any:
+            if self._current < 0:
+                raise RuntimeError("BlockReplay: a batch that was not given at construction")
+            return outputs[self._current]
+
+        patched = list(self.blocks[: self.upto])
+        for blk in patched:
+            blk.forward = replayed  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            for blk in patched:
+                del blk.forward
+
+    @torch.no_grad()
+    def advance(self, upto: int) -> None:
+        """Cache the output of block ``upto - 1`` on every batch (blocks before it must not
+        change any more), so that blocks ``[0, upto)`` are replayed from now on."""
+        upto = min(upto, len(self.blocks))
+        if not self.enabled or upto <= self.upto:
+            return
+        last = self.blocks[upto - 1]
+        new: list[Any] = [None] * len(self.batches)
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            new[self._current] = output
+            raise _Stop
+
+        handle = last.register_forward_hook(keep)
+        try:
+            with self.active():
+                for batch in self.batches:
+                    try:
+                        self.forward(self.model, batch)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        if any(o is None for o in new):  # the block did not run on some batch
+            self.enabled = False
+            return
+        self._outputs, self.upto = new, upto
+        # The check: replaying must leave the model's whole output on the first batch
+        # bit-identical (catches blocks run twice or out of order, and in-place updates).
+        full = self._forward(self.model, self.batches[0])
+        with self.active():
+            again = self.forward(self.model, self.batches[0])
+        if not _identical(full, again):
+            self.enabled, self.upto, self._outputs = False, 0, []

@@ -1,0 +1,94 @@
+"""Replaying finished blocks during sequential calibration: same fit, fewer block evaluations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tensorfold.convert import core as core_mod
+from tensorfold.convert import tensorize
+from tensorfold.convert.replay import BlockReplay, block_index, find_stack
+
+from .test_convert import calib, tiny
+
+
+def count_block_calls(model: nn.Module) -> list[int]:
+    """Evaluations of each block's body (hooks on the block itself still fire when replayed)."""
+    calls = [0] * len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        blk.up.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_find_stack_and_block_index() -> None:
+    m = tiny()
+    names = ["inp", "blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    prefix, blocks = find_stack(m, names)
+    assert prefix == "blocks" and blocks is m.blocks
+    assert [block_index(prefix, n) for n in names] == [None, 0, 0, 1, 1]
+    assert find_stack(m, ["inp", "blocks.0.up"]) is None  # one block used: nothing to replay
+
+
+@pytest.mark.parametrize("n_blocks", [2, 4])
+def test_replay_gives_bit_identical_fits(monkeypatch: pytest.MonkeyPatch, n_blocks: int) -> None:
+    teacher = tiny()
+    teacher.blocks = nn.ModuleList([copy.deepcopy(teacher.blocks[0]) for _ in range(n_blocks)])
+    for blk in teacher.blocks:  # distinct blocks
+        for p in blk.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    with_replay, without = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    made: list[BlockReplay] = []
+
+    class Spy(BlockReplay):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(core_mod, "BlockReplay", Spy)
+    tensorize(with_replay, budget=0.4, calibration=calib(3), progress=False)
+    assert made and all(r.enabled and r.upto == n_blocks - 1 for r in made)  # replay was used
+    monkeypatch.setattr(core_mod, "find_stack", lambda *a: None)
+    tensorize(without, budget=0.4, calibration=calib(3), progress=False)
+    a, b = with_replay.state_dict(), without.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replay_skips_finished_blocks() -> None:
+    m = tiny()
+    m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(4)])
+    batches = calib(3)
+    calls = count_block_calls(m)
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b))
+    rep.advance(3)  # blocks 0-2 final: cache block 2's output
+    assert rep.enabled and rep.upto == 3
+    calls[:] = [0] * 4
+    with torch.no_grad(), rep.active():
+        replayed = [rep.forward(m, b) for b in batches]
+    assert calls == [0, 0, 0, 3]  # only the last block runs
+    with torch.no_grad():
+        assert all(torch.equal(r, m(b)) for r, b in zip(replayed, batches, strict=False))
+
+
+class CalledTwice(nn.Module):
+    """Block 0 runs twice per forward: its output cannot be replayed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](self.blocks[0](self.blocks[0](x)))
+
+
+def test_replay_switches_itself_off_when_outputs_differ() -> None:
+    torch.manual_seed(0)
+    m = CalledTwice()
+    batches = calib(2)
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b))
+    rep.advance(1)
+    assert not rep.enabled and rep.upto == 0
+    with torch.no_grad(), rep.active():
+        assert torch.equal(rep.forward(m, batches[0]), m(batches[0]))  # plain forwards again
