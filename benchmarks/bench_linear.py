@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import tensorfold
+from tensorfold.files import atomic_savefig, atomic_write
 from tensorfold.functional import layer_program
 
 FULL_SHAPES = [(1024, 1024), (768, 3072), (3072, 768), (4096, 4096)]
@@ -50,19 +50,6 @@ TLTORCH_NAME = {"cp": "cp", "tucker": "tucker", "ttm": "blocktt"}  # tltorch rej
 
 
 # ---------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -307,11 +294,8 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("speed vs dense (inference, >1 faster)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def memory_table(shape, batch, fractions, formats, device, dtype) -> str:

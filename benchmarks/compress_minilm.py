@@ -22,6 +22,7 @@ import time
 import torch
 
 from tensorfold.convert import demo, tensorize
+from tensorfold.files import atomic_savefig, atomic_write
 
 
 def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **kw: object) -> dict:
@@ -58,10 +59,10 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--time-limit", type=float, default=540, help="seconds per run (0: none), as the demo")
-    p.add_argument("--calibration-sentences", type=int, default=512)
+    p.add_argument("--calibration-sentences", type=int, default=1024)
     p.add_argument("--refine-steps", type=int, default=50)
     p.add_argument("--baselines", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results .json (a .md table and a .png plot beside it)")
     a = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -78,16 +79,51 @@ def main() -> None:
                       lr=a.lr, time_limit=a.time_limit)
             results.append(res)
             print(json.dumps(res), flush=True)
-    print("| budget | format | kept | layer-wise mean cos | final mean cos | final min cos | 10-NN "
-          "| distill steps | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['budget']} | {r['format']} | {r['kept']:.3f} | {r['layerwise']['mean_cosine']:.4f} | "
-              f"{r['final']['mean_cosine']:.4f} | {r['final']['min_cosine']:.4f} | "
-              f"{r['final']['knn_agreement']:.3f} | {r.get('distill_steps', 0)} | {r['seconds']:.0f} |")
+    table = markdown(results)
+    print(table)
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+        base = os.path.splitext(a.out)[0]
+        atomic_write(a.out, json.dumps(results, indent=1))
+        atomic_write(base + ".md", table)
+        plot(results, base + ".png")
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| budget | format | kept | layer-wise mean cos | final mean cos | final min cos "
+             "| 10-NN | distill steps | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lw, fin = r["layerwise"], r["final"]
+        cells = [r["budget"], r["format"], f"{r['kept']:.3f}", f"{lw['mean_cosine']:.4f}",
+                 f"{fin['mean_cosine']:.4f}", f"{fin['min_cosine']:.4f}", f"{fin['knn_agreement']:.3f}",
+                 r.get("distill_steps", 0), f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Mean cosine per format, one panel per budget: after layer-wise fitting and final."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in results}, reverse=True)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=False):
+        rows = [r for r in results if r["budget"] == budget]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["layerwise"]["mean_cosine"] for r in rows], 0.4,
+               label="layer-wise fit")
+        ax.bar([i + 0.2 for i in x], [r["final"]["mean_cosine"] for r in rows], 0.4, label="final")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([r["format"] for r in rows], rotation=30, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{100 * budget:.0f}% of the linear parameters")
+        ax.set_ylabel("mean cosine to the original embeddings")
+    axes[0][0].legend(loc="lower left")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_savefig, atomic_write
+
 __all__ = ["main"]
 
 
@@ -41,13 +43,13 @@ def _plot(report: Any, path: Path, title: str) -> None:
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=90, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
 def _write_outputs(out: Path, report: Any, fid: Any, extra: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.txt").write_text(str(report) + "\n" + (f"fidelity: {fid}\n" if fid else ""))
+    atomic_write(out / "report.txt", str(report) + "\n" + (f"fidelity: {fid}\n" if fid else ""))
     rows = [{"name": lp.name, "factorization": lp.factorization, "in_modes": lp.in_modes,
              "out_modes": lp.out_modes, "rank": lp.rank, "params_before": lp.params_before,
              "params_after": lp.params_after, "error": None if math.isnan(lp.error) else lp.error,
@@ -57,7 +59,7 @@ def _write_outputs(out: Path, report: Any, fid: Any, extra: dict[str, Any]) -> N
                "seconds": report.seconds, "layers": rows, **extra}
     if fid is not None:
         summary.update(mean_cosine=fid.mean_cosine, min_cosine=fid.min_cosine, knn_agreement=fid.knn_agreement)
-    (out / "report.json").write_text(json.dumps(summary, indent=1, default=list))
+    atomic_write(out / "report.json", json.dumps(summary, indent=1, default=list))
     _plot(report, out / "layers.png", f"{report.factorization}, {100 * report.kept:.1f}% of linear parameters")
 
 
@@ -147,7 +149,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-sentences", type=int, default=None,
                    help="distillation sentences (default: all that are not held out for evaluation)")
     p.add_argument("--refine-steps", type=int, default=50, help="L-BFGS steps of the layer-wise refinement")
-    p.add_argument("--calibration-sentences", type=int, default=512)
+    p.add_argument("--calibration-sentences", type=int, default=1024)
     p.add_argument("--evaluation-sentences", type=int, default=512)
     p.add_argument("--out", default=None, help="directory for model.safetensors, report.{txt,json}, layers.png")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionError, TensorfoldError
+from ..files import replacing
 from ..nn import FactorizedLinear
 from ._util import set_module
 
@@ -77,16 +77,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         t = t.clone().contiguous() if ptr in seen or not t.is_contiguous() else t
         seen.add(ptr)
         tensors[key] = t
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_MAGIC: json.dumps(record)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_MAGIC: json.dumps(record)})
     return path
 
 
