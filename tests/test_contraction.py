@@ -111,3 +111,23 @@ def test_forward_flops_reported() -> None:
     p = contraction_plan("Za,ab->Zb", ((8, 3), (3, 5)))
     assert p.flops == 2 * 8 * 3 * 5
     assert math.isfinite(p.cost_s) and p.cost_s > 0
+
+
+@pytest.mark.parametrize(
+    "b_shape, transposed", [((12, 3), False), ((3, 12), True), ((12, 20), False)]
+)
+def test_reoriented_mm_gradients_equal_autograd(b_shape, transposed) -> None:
+    """The CPU mm that picks the weight-gradient orientation: same values, same gradients."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, b_shape[0], dtype=torch.float64, generator=g, requires_grad=True)
+    base = torch.randn(b_shape[::-1] if transposed else b_shape, dtype=torch.float64, generator=g)
+    b = (base.t() if transposed else base).detach().requires_grad_(True)
+    routed = contraction._mm(a, b)
+    assert (routed.grad_fn.name() == "_CpuMMBackward") == (b_shape != (12, 20))
+    torch.testing.assert_close(routed, a @ b, rtol=0, atol=0)
+    grad = torch.randn(routed.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(routed, (a, b), grad)
+    want = torch.autograd.grad(a @ b, (a, b), grad)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, y: contraction._CpuMM.apply(x, y), (a[:5], b))

@@ -351,7 +351,7 @@ class ContractionPlan:
             b = _bring(values[step.b.slot], step.b)  # type: ignore[arg-type]
             if step.kind == "mm":
                 if bias is None or step is not last:
-                    r = torch.mm(a, b)
+                    r = _mm(a, b)
                 else:
                     r = torch.addmm(bias.to(a.dtype), a, b)
             elif step.kind == "bmm":
@@ -374,6 +374,48 @@ class ContractionPlan:
             total = part if total is None else total + part
         assert total is not None
         return total
+
+
+class _CpuMM(torch.autograd.Function):
+    """``a @ b`` whose backward computes the gradient of ``b`` in the faster orientation.
+
+    ``grad_b`` (k x n) is either ``a^T g`` or ``(g^T a)^T``. CPU BLAS runs the product
+    whose *result has more columns than rows* several times faster when the reduction
+    (the batch) is long: on the 2-core EPYC, torch 2.13, 1 thread, a (256 x 10) result
+    from a 4,096-long reduction took 1.4-5.9 ms, its transpose 0.3 ms. Autograd's own
+    ``mm`` backward instead follows ``b``'s strides, so a thin factor or a transposed
+    factor view can get the slow one; :func:`_mm` routes only those cases here.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        return torch.mm(a, b)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")  # backward under forward's autocast state
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        grad_a = torch.mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            k, n = b.shape
+            grad_b = torch.mm(a.t(), grad) if n >= k else torch.mm(grad.t(), a).t()
+        return grad_a, grad_b
+
+
+_TALL_ROWS = 256  # shorter reductions are cheap either way; the Function's overhead is not
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    if (b.requires_grad and a.shape[0] >= _TALL_ROWS and a.device.type == "cpu"
+            and torch.is_grad_enabled()):
+        k, n = b.shape
+        autograd_transposes = b.stride(0) == 1 and b.stride(1) != 1
+        if autograd_transposes == (n >= k):  # autograd would pick the slow orientation
+            return _CpuMM.apply(a, b)
+    return torch.mm(a, b)
 
 
 def _bring(t: Tensor, op: _Operand) -> Tensor:
