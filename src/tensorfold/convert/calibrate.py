@@ -173,16 +173,23 @@ def input_groups(
     return groups
 
 
+class _TooLarge(Exception):
+    """The recorded inputs would exceed the memory limit."""
+
+
 @torch.no_grad()
 def record_inputs(
     model: nn.Module, names: Sequence[str], batches: Sequence[Any], forward: ForwardFn = call_model,
     limit_bytes: int = 4 << 30,
 ) -> dict[str, list[Tensor | None]] | None:
-    """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass.
+    """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass
+    that stops once every named layer has run.
 
     Returns ``None`` (nothing kept) when they would take more than ``limit_bytes``.
     """
     kept: dict[str, list[Tensor | None]] = {n: [None] * len(batches) for n in names}
+    wanted = set(names)
+    seen: set[str] = set()
     used = 0
     current = 0
     handles = []
@@ -195,13 +202,16 @@ def record_inputs(
             src = args[0]
             if id(src) in shared and shared[id(src)][0] is src:
                 kept[name][current] = shared[id(src)][1]
-                return
-            x = _flat(src).clone()
-            used += x.numel() * x.element_size()
-            if used > limit_bytes:
+            else:
+                x = _flat(src).clone()
+                used += x.numel() * x.element_size()
+                if used > limit_bytes:
+                    raise _TooLarge
+                shared[id(src)] = (src, x)  # holding src keeps its id unique during the pass
+                kept[name][current] = x
+            seen.add(name)
+            if seen == wanted:
                 raise _Stop
-            shared[id(src)] = (src, x)  # holding src keeps its id unique during the pass
-            kept[name][current] = x
 
         return fn
 
@@ -209,9 +219,13 @@ def record_inputs(
         for name in names:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
         for current, batch in enumerate(batches):  # noqa: B007 - read by the hook
-            forward(model, batch)
+            seen.clear()
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
             shared.clear()
-    except _Stop:
+    except _TooLarge:
         return None
     finally:
         for h in handles:

@@ -475,24 +475,28 @@ def tensorize(
             raise ConversionError(f"cannot copy the model for sequential calibration ({exc}); "
                                   "pass sequential=False") from exc
         groups = input_groups(model, list(by_name), batches[0], forward)
-        # One pass of the original model keeps every layer's inputs when they fit in memory;
-        # otherwise the original runs alongside the copy in each group's pass.
-        original: Any = record_inputs(model, list(by_name), batches, forward) or model
-        # Blocks of a stack whose layers are all fitted are replayed, not recomputed.
+        missing = set(by_name) - {n for g in groups for n in g}
+        groups += [[n] for n in by_name if n in missing]
+        # Blocks of a stack whose layers are all fitted are replayed, not recomputed, in
+        # the copy and in the original (whose inputs are then recorded one block at a time).
         stack = find_stack(work, list(by_name))
+        starts = [None if stack is None or g[0] in missing else  # never run: no constraint
+                  min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
+                  for g in groups]
         replays = {}
         if stack is not None:
             replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
-            if original is model:
-                replays[id(model)] = BlockReplay(model, model.get_submodule(stack[0]), batches, forward)
-        starts = [min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
-                  if stack is not None else None for g in groups]
+            replays[id(model)] = BlockReplay(model, model.get_submodule(stack[0]), batches, forward)
+            original: Any = model
+        else:
+            # One pass of the original keeps every layer's inputs when they fit in memory;
+            # otherwise the original runs alongside the copy in each group's pass.
+            original = record_inputs(model, list(by_name), batches, forward) or model
 
         def replayed_forward(m: nn.Module, batch: Any) -> Any:
             return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
 
-        missing = set(by_name) - {n for g in groups for n in g}
-        groups += [[n] for n in by_name if n in missing]
+        recorded: tuple[int | None, Any] = (None, None)  # (block, its layers' original inputs)
         for g, group in enumerate(groups):
             # Blocks before the earliest block any unfitted group lives in are final.
             upto = min((s for s in starts[g:] if s is not None), default=0)
@@ -500,7 +504,15 @@ def tensorize(
                 for rep in replays.values():
                     rep.advance(upto)
                     active.enter_context(rep.active())
-                gstats = record_stats(work, group, batches, replayed_forward, original=original)
+                source = original
+                if starts[g] is not None:
+                    if recorded[0] != starts[g]:
+                        in_block = [n for grp, s in zip(groups, starts, strict=True) if s == starts[g]
+                                    for n in grp]
+                        recorded = (starts[g], record_inputs(model, in_block, batches, replayed_forward))
+                    if recorded[1] is not None:
+                        source = recorded[1]
+                gstats = record_stats(work, group, batches, replayed_forward, original=source)
             for name in group:
                 lp = by_name[name]
                 layer = _build(lp, linears[name], implementation)
