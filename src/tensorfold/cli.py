@@ -141,15 +141,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the linear parameters to keep")
     p.add_argument("--factorization", default="tt", help="cp, tucker, tt, ttm or auto (default tt)")
-    p.add_argument("--distill-steps", type=int, default=2000,
+    p.add_argument("--distill-steps", type=int, default=4000,
                    help="most end-to-end distillation steps (0: none); --time-limit usually ends it first")
     p.add_argument("--lr", type=float, default=1e-4, help="peak distillation learning rate")
-    p.add_argument("--time-limit", type=float, default=540,
+    p.add_argument("--time-limit", type=float, default=570,
                    help="seconds for calibration + fitting + distillation (distillation gets the rest; 0: none)")
     p.add_argument("--distill-sentences", type=int, default=None,
                    help="distillation sentences (default: all that are not held out for evaluation)")
     p.add_argument("--refine-steps", type=int, default=50, help="L-BFGS steps of the layer-wise refinement")
-    p.add_argument("--calibration-sentences", type=int, default=1024)
+    p.add_argument("--calibration-sentences", type=int, default=2048)
     p.add_argument("--evaluation-sentences", type=int, default=512)
     p.add_argument("--out", default=None, help="directory for model.safetensors, report.{txt,json}, layers.png")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -2,8 +2,9 @@
 
 The text comes from documentation that ships with every CPython install: the language
 reference topics in :mod:`pydoc_data.topics` and the docstrings of a fixed list of standard-library
-modules. Nothing is downloaded. Sentences are cleaned (code, markup and tables dropped), deduplicated
-and split deterministically into disjoint calibration and evaluation sets.
+modules, their classes, functions and methods (about 5,600 sentences on CPython 3.11). Nothing
+is downloaded. Sentences are cleaned (code, markup and tables dropped), deduplicated and split
+deterministically into disjoint calibration and evaluation sets.
 """
 
 from __future__ import annotations
@@ -12,23 +13,37 @@ import hashlib
 import importlib
 import inspect
 import re
+import warnings
 
 __all__ = ["english_sentences", "calibration_and_evaluation_sentences", "training_sentences"]
 
 # Standard-library modules with prose docstrings; importing them has no side effects.
 _STDLIB_MODULES: tuple[str, ...] = (
-    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs",
-    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "datetime",
-    "decimal", "difflib", "email", "enum", "fractions", "functools", "gettext", "glob", "gzip",
-    "hashlib", "heapq", "hmac", "html", "http.client", "http.server", "imaplib", "importlib",
-    "inspect", "io", "ipaddress", "itertools", "json", "logging", "lzma", "mailbox", "math",
-    "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pickle",
-    "pkgutil", "platform", "pprint", "queue", "random", "re", "sched", "secrets", "selectors",
-    "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics",
-    "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "trace", "traceback", "types", "typing", "unittest", "urllib.parse",
-    "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree",
-    "zipfile", "zlib",
+    "abc", "argparse", "ast", "asyncio", "asyncio.events", "asyncio.locks", "asyncio.queues",
+    "asyncio.streams", "asyncio.tasks", "base64", "bdb", "bisect", "cProfile", "calendar", "cmd",
+    "code", "codecs", "codeop", "collections", "collections.abc", "compileall",
+    "concurrent.futures", "concurrent.futures.process", "concurrent.futures.thread",
+    "configparser", "contextlib", "contextvars", "copy", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "dis", "doctest", "email", "email.headerregistry", "email.message",
+    "email.mime.text", "email.parser", "email.policy", "email.utils", "enum", "filecmp",
+    "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt", "getpass", "gettext",
+    "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "http.client",
+    "http.cookiejar", "http.cookies", "http.server", "imaplib", "importlib", "importlib.metadata",
+    "importlib.resources", "inspect", "io", "ipaddress", "itertools", "json", "json.decoder",
+    "json.encoder", "locale", "logging", "logging.config", "logging.handlers", "lzma", "mailbox",
+    "math", "mimetypes", "multiprocessing", "multiprocessing.managers", "multiprocessing.pool",
+    "netrc", "numbers", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pickletools",
+    "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "py_compile",
+    "pydoc", "queue", "quopri", "random", "re", "reprlib", "rlcompleter", "runpy", "sched",
+    "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket",
+    "socketserver", "sqlite3", "ssl", "statistics", "string", "stringprep", "struct",
+    "subprocess", "symtable", "sysconfig", "tabnanny", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "tokenize", "tomllib", "trace", "traceback", "tracemalloc", "types",
+    "typing", "unittest", "unittest.mock", "urllib.error", "urllib.parse", "urllib.request",
+    "urllib.robotparser", "uuid", "venv", "warnings", "weakref", "wsgiref.handlers",
+    "wsgiref.simple_server", "wsgiref.util", "xml.dom.minidom", "xml.dom.pulldom",
+    "xml.etree.ElementTree", "xml.sax", "xml.sax.handler", "xml.sax.saxutils", "xmlrpc.client",
+    "xmlrpc.server", "zipapp", "zipfile", "zipimport", "zlib", "zoneinfo",
 )
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -56,6 +71,25 @@ def _clean(text: str) -> list[str]:
     return out
 
 
+_DESCRIPTORS = (property, classmethod, staticmethod)
+
+
+def _docstrings(mod: object) -> list[str]:
+    """The module's docstring and those of its own classes, functions and methods."""
+    docs = [inspect.getdoc(mod) or ""]
+    for _, obj in sorted(vars(mod).items()):
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if getattr(obj, "__module__", None) != getattr(mod, "__name__", None):
+            continue
+        docs.append(inspect.getdoc(obj) or "")
+        if inspect.isclass(obj):
+            for _, member in sorted(vars(obj).items()):
+                if inspect.isfunction(member) or isinstance(member, _DESCRIPTORS):
+                    docs.append(inspect.getdoc(member) or "")
+    return docs
+
+
 def english_sentences() -> list[str]:
     """Every cleaned, unique English sentence found in the bundled Python documentation.
 
@@ -71,16 +105,12 @@ def english_sentences() -> list[str]:
         pass
     for name in _STDLIB_MODULES:
         try:
-            mod = importlib.import_module(name)
+            with warnings.catch_warnings():  # some modules warn that they are deprecated
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
         except Exception:  # pragma: no cover - optional stdlib parts (e.g. no _ssl)
             continue
-        docs = [inspect.getdoc(mod) or ""]
-        for _, obj in sorted(vars(mod).items()):
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
-                obj, "__module__", None
-            ) == mod.__name__:
-                docs.append(inspect.getdoc(obj) or "")
-        texts.extend(docs)
+        texts.extend(_docstrings(mod))
     seen: set[str] = set()
     sentences: list[str] = []
     for text in texts:
