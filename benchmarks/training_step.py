@@ -1,0 +1,74 @@
+"""Training-step time of every format x implementation at 1024x1024, relative to dense.
+
+Usage: python benchmarks/training_step.py [--threads 1] [--tltorch]
+
+Forward + backward (input without grad, as for a first layer), 9 interleaved repeats,
+medians, each ratio against ``nn.Linear`` timed in the same loop. ``--tltorch`` adds
+tensorly-torch's BlockTT next to the TT-matrix rows. Used for the A/B figures of
+benchmarks/RESULTS.md (run once before and once after a change, in one session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import tensorfold
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--tltorch", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    tltorch = None
+    if a.tltorch:
+        import tensorly
+        import tltorch
+
+        tensorly.set_backend("pytorch")
+    in_m, out_m = tensorfold.tensorized_shape(1024, 1024, 3)
+    print(f"1024x1024 as {out_m}x{in_m}, {a.threads} thread(s); ratios to dense, medians")
+    for fmt in ("cp", "tucker", "tt", "ttm"):
+        for frac in (0.01, 0.1):
+            for rows in (32, 1024):
+                x, g = torch.randn(rows, 1024), torch.randn(rows, 1024)
+                cands: dict[str, torch.nn.Module] = {"dense": torch.nn.Linear(1024, 1024)}
+                for impl in ("factorized", "reconstructed", "auto"):
+                    cands[impl] = tensorfold.FactorizedLinear(in_m, out_m, factorization=fmt,
+                                                              rank=frac, implementation=impl)
+                if tltorch is not None and fmt == "ttm":
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        for impl in ("factorized", "reconstructed"):
+                            cands[f"tlt-{impl}"] = tltorch.FactorizedLinear(
+                                in_m, out_m, factorization="blocktt", rank=frac, implementation=impl)
+
+                def step(m: torch.nn.Module) -> None:
+                    for prm in m.parameters():
+                        prm.grad = None
+                    m(x).backward(g)
+
+                for m in cands.values():
+                    step(m)
+                times: dict[str, list[float]] = {k: [] for k in cands}
+                for _ in range(a.repeats):
+                    for k, m in cands.items():
+                        t0 = time.perf_counter()
+                        step(m)
+                        times[k].append(time.perf_counter() - t0)
+                dense = statistics.median(times["dense"])
+                cells = " ".join(f"{k} {statistics.median(v) / dense:.2f}" for k, v in times.items()
+                                 if k != "dense")
+                print(f"{fmt:6s} {frac:4} {rows:5d} dense {1e3 * dense:.2f} ms  {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
