@@ -101,13 +101,17 @@ class BlockReplay:
             return outputs[self._current]
 
         patched = list(self.blocks[: self.upto])
+        own = [blk.__dict__.get("forward") for blk in patched]  # rare: set on the instance
         for blk in patched:
             blk.forward = replayed  # an instance attribute shadows the class's forward
         try:
             yield
         finally:
-            for blk in patched:
-                del blk.forward
+            for blk, previous in zip(patched, own, strict=True):
+                if previous is None:
+                    del blk.forward
+                else:
+                    blk.forward = previous
 
     @torch.no_grad()
     def advance(self, upto: int) -> None:
@@ -134,7 +138,7 @@ class BlockReplay:
         finally:
             handle.remove()
         if any(o is None for o in new):  # the block did not run on some batch
-            self.enabled = False
+            self.enabled, self.upto, self._outputs = False, 0, []
             return
         self._outputs, self.upto = new, upto
         # The check: replaying must leave the model's whole output on the first batch
