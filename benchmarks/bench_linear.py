@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -147,8 +148,13 @@ def time_cell(
         slow = {n for n, s in samples.items() if s and s[0] > max(slow_s, 30 * dense_first)}
         for n in samples:
             samples[n] = []
+        names = list(runs)
         for r in range(repeats):
-            for name, run in runs.items():
+            # A fresh (seeded) order every repeat: no candidate always runs right after the
+            # same one (one that rebuilt a large weight evicts the caches of the next).
+            random.Random(r).shuffle(names)
+            for name in names:
+                run = runs[name]
                 if name in failed or (name in slow and r >= 1):
                     continue
                 _sync(device)

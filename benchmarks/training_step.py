@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/training_step.py [--threads 1] [--tltorch]
 
-Forward + backward (input without grad, as for a first layer), 9 interleaved repeats,
-medians, each ratio against ``nn.Linear`` timed in the same loop. ``--tltorch`` adds
+Forward + backward (input without grad, as for a first layer), 9 interleaved repeats in a
+shuffled order, medians, each ratio against ``nn.Linear`` timed in the same loop. ``--tltorch`` adds
 tensorly-torch's BlockTT next to the TT-matrix rows. Used for the A/B figures of
 benchmarks/RESULTS.md (run once before and once after a change, in one session).
 """
@@ -11,6 +11,7 @@ benchmarks/RESULTS.md (run once before and once after a change, in one session).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 import warnings
@@ -18,6 +19,33 @@ import warnings
 import torch
 
 import tensorfold
+
+
+def time_cell(cands: dict[str, torch.nn.Module], x: torch.Tensor, g: torch.Tensor,
+              repeats: int) -> dict[str, float]:
+    """Median training-step time of each candidate over dense's (and dense's in ms)."""
+
+    def step(m: torch.nn.Module) -> None:
+        for prm in m.parameters():
+            prm.grad = None
+        m(x).backward(g)
+
+    for m in cands.values():
+        step(m)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for r in range(repeats):
+        # A fresh seeded order each repeat: no candidate always follows the same
+        # (cache-evicting) one.
+        random.Random(r).shuffle(names)
+        for k in names:
+            t0 = time.perf_counter()
+            step(cands[k])
+            times[k].append(time.perf_counter() - t0)
+    dense = statistics.median(times["dense"])
+    out = {k: statistics.median(v) / dense for k, v in times.items()}
+    out["dense_ms"] = 1e3 * dense
+    return out
 
 
 def main() -> None:
@@ -39,7 +67,6 @@ def main() -> None:
     for fmt in ("cp", "tucker", "tt", "ttm"):
         for frac in (0.01, 0.1):
             for rows in (32, 1024):
-                x, g = torch.randn(rows, 1024), torch.randn(rows, 1024)
                 cands: dict[str, torch.nn.Module] = {"dense": torch.nn.Linear(1024, 1024)}
                 for impl in ("factorized", "reconstructed", "auto"):
                     cands[impl] = tensorfold.FactorizedLinear(in_m, out_m, factorization=fmt,
@@ -49,25 +76,13 @@ def main() -> None:
                         warnings.simplefilter("ignore")
                         for impl in ("factorized", "reconstructed"):
                             cands[f"tlt-{impl}"] = tltorch.FactorizedLinear(
-                                in_m, out_m, factorization="blocktt", rank=frac, implementation=impl)
-
-                def step(m: torch.nn.Module) -> None:
-                    for prm in m.parameters():
-                        prm.grad = None
-                    m(x).backward(g)
-
-                for m in cands.values():
-                    step(m)
-                times: dict[str, list[float]] = {k: [] for k in cands}
-                for _ in range(a.repeats):
-                    for k, m in cands.items():
-                        t0 = time.perf_counter()
-                        step(m)
-                        times[k].append(time.perf_counter() - t0)
-                dense = statistics.median(times["dense"])
-                cells = " ".join(f"{k} {statistics.median(v) / dense:.2f}" for k, v in times.items()
-                                 if k != "dense")
-                print(f"{fmt:6s} {frac:4} {rows:5d} dense {1e3 * dense:.2f} ms  {cells}", flush=True)
+                                in_m, out_m, factorization="blocktt", rank=frac,
+                                implementation=impl)
+                x, g = torch.randn(rows, 1024), torch.randn(rows, 1024)
+                ratios = time_cell(cands, x, g, a.repeats)
+                dense = ratios.pop("dense_ms")
+                cells = " ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k != "dense")
+                print(f"{fmt:6s} {frac:4} {rows:5d} dense {dense:.2f} ms  {cells}", flush=True)
 
 
 if __name__ == "__main__":

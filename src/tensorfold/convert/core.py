@@ -505,11 +505,13 @@ def tensorize(
                     rep.advance(upto)
                     active.enter_context(rep.active())
                 source = original
-                if starts[g] is not None:
-                    if recorded[0] != starts[g]:
-                        in_block = [n for grp, s in zip(groups, starts, strict=True) if s == starts[g]
+                block = starts[g]
+                if block is not None:
+                    if recorded[0] != block:
+                        in_block = [n for grp, s in zip(groups, starts, strict=True) if s == block
                                     for n in grp]
-                        recorded = (starts[g], record_inputs(model, in_block, batches, replayed_forward))
+                        inputs = record_inputs(model, in_block, batches, replayed_forward)
+                        recorded = (block, inputs)
                     if recorded[1] is not None:
                         source = recorded[1]
                 gstats = record_stats(work, group, batches, replayed_forward, original=source)
