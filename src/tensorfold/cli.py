@@ -140,7 +140,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the linear parameters to keep")
-    p.add_argument("--factorization", default="tt", help="cp, tucker, tt, ttm or auto (default tt)")
+    p.add_argument("--factorization", default="auto",
+                   help="cp, tucker, tt, ttm or auto: per layer the lowest calibrated error (default)")
     p.add_argument("--distill-steps", type=int, default=4000,
                    help="most end-to-end distillation steps (0: none); --time-limit usually ends it first")
     p.add_argument("--lr", type=float, default=1e-4, help="peak distillation learning rate")

@@ -107,7 +107,7 @@ BLOCK_FEATURES = ("*encoder.layer.[0-9]", "*encoder.layer.[0-9][0-9]")
 
 def run_demo(
     budget: float = 0.5,
-    factorization: str = "tt",
+    factorization: str = "auto",
     n_calibration: int = 2048,
     n_evaluation: int = 512,
     distill_steps: int = 4000,
