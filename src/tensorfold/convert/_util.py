@@ -32,6 +32,18 @@ def call_model(model: nn.Module, item: Any) -> Any:
     return model(item)
 
 
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early: nothing after that point is needed."""
+
+
+def run_until_stopped(forward: ForwardFn, model: nn.Module, batch: Any) -> None:
+    """``forward(model, batch)``, where a hook may end the pass with :class:`StopForward`."""
+    try:
+        forward(model, batch)
+    except StopForward:
+        pass
+
+
 def output_tensor(output: Any) -> Tensor:
     """The tensor that stands for a model's output, used to measure fidelity.
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._util import ForwardFn, call_model
+from ._util import ForwardFn, StopForward, call_model, run_until_stopped
 
 
 @dataclass
@@ -29,10 +29,6 @@ class LayerStats:
     cov: Tensor  # sum x_c x_c^T
     cross: Tensor  # sum x_o x_c^T
     tokens: int
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early (nothing after it is needed)."""
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -83,7 +79,7 @@ def record_stats(
             buf[name] = _flat(args[0])
             seen_o.add(name)
             if seen_o == wanted:
-                raise _Stop
+                raise StopForward
 
         return fn
 
@@ -96,7 +92,7 @@ def record_stats(
             tokens[name] += x.shape[0]
             seen_c.add(name)
             if seen_c == wanted:
-                raise _Stop
+                raise StopForward
 
         return fn
 
@@ -112,15 +108,9 @@ def record_stats(
                         buf[name] = original[name][b].float()
             elif original is not None:
                 seen_o.clear()
-                try:
-                    forward(original, batch)
-                except _Stop:
-                    pass
+                run_until_stopped(forward, original, batch)
             seen_c.clear()
-            try:
-                forward(model, batch)
-            except _Stop:
-                pass
+            run_until_stopped(forward, model, batch)
             buf.clear()
             if on_batch is not None:
                 on_batch()
@@ -211,7 +201,7 @@ def record_inputs(
                 kept[name][current] = x
             seen.add(name)
             if seen == wanted:
-                raise _Stop
+                raise StopForward
 
         return fn
 
@@ -220,10 +210,7 @@ def record_inputs(
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
         for current, batch in enumerate(batches):  # noqa: B007 - read by the hook
             seen.clear()
-            try:
-                forward(model, batch)
-            except _Stop:
-                pass
+            run_until_stopped(forward, model, batch)
             shared.clear()
     except _TooLarge:
         return None

@@ -19,13 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._util import ForwardFn
+from ._util import ForwardFn, StopForward, run_until_stopped
 
 __all__ = ["BlockReplay", "find_stack"]
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the block whose output is wanted has run."""
 
 
 def find_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
@@ -125,16 +121,13 @@ class BlockReplay:
 
         def keep(module: nn.Module, args: Any, output: Any) -> None:
             new[self._current] = output
-            raise _Stop
+            raise StopForward  # nothing after this block is needed
 
         handle = last.register_forward_hook(keep)
         try:
             with self.active():
                 for batch in self.batches:
-                    try:
-                        self.forward(self.model, batch)
-                    except _Stop:
-                        pass
+                    run_until_stopped(self.forward, self.model, batch)
         finally:
             handle.remove()
         if any(o is None for o in new):  # the block did not run on some batch
