@@ -85,13 +85,15 @@ def _compress(args: argparse.Namespace) -> int:
             n_evaluation=args.evaluation_sentences, distill_steps=args.distill_steps, lr=args.lr,
             refine_steps=args.refine_steps, progress=not args.no_progress, teacher=teacher,
             targets=args.targets, exclude=args.exclude, n_distill=args.distill_sentences,
-            time_limit=args.time_limit if args.time_limit > 0 else None, out_dir=None)
+            time_limit=args.time_limit if args.time_limit > 0 else None)
     except TensorfoldError as exc:
         print(f"tensorfold compress: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     report, fid = res["report"], res["fidelity"]
     print(f"fidelity on {res['n_evaluation']} held-out sentences: {fid}")
     if args.out:
+        import torch
+
         from .convert import io
 
         out = Path(args.out)
@@ -99,7 +101,7 @@ def _compress(args: argparse.Namespace) -> int:
         path = io.save(res["student"], out / "model.safetensors")
         fresh = io.load(path, copy.deepcopy(res["teacher"]))
         probe = demo.batches_for(teacher, ["A sentence to check the saved model.", "And another one."])
-        same = torch_equal(demo.embed(fresh, probe), demo.embed(res["student"], probe))
+        same = bool(torch.equal(demo.embed(fresh, probe), demo.embed(res["student"], probe)))
         print(f"reloaded {path} into a fresh copy of the model: identical outputs = {same}")
         _write_outputs(out, report, fid, {
             "model_dir": str(model_dir), "distill_steps": res["distill_steps_done"],
@@ -108,12 +110,6 @@ def _compress(args: argparse.Namespace) -> int:
             "n_evaluation": res["n_evaluation"], "reload_identical": same})
         print(f"wrote {path}, {out / 'report.txt'}, {out / 'report.json'}, {out / 'layers.png'}")
     return 0
-
-
-def torch_equal(a: Any, b: Any) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -114,7 +114,6 @@ def run_demo(
     lr: float = 1e-4,
     refine_steps: int = 50,
     progress: bool = True,
-    out_dir: str | None = None,
     print_fn: Any = print,
     teacher: nn.Module | None = None,
     targets: Any = ENCODER_TARGETS,
@@ -136,7 +135,6 @@ def run_demo(
     """
     from . import core
     from .corpus import training_sentences
-    from .io import load, save
 
     torch.manual_seed(0)
     teacher = load_minilm() if teacher is None else teacher
@@ -184,12 +182,4 @@ def run_demo(
     if losses:
         print_fn(f"after {len(losses)} distillation steps: {after}")
     print_fn(f"time taken (calibration + fitting + distillation): {seconds:.0f} s")
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        path = save(student, os.path.join(out_dir, "model.safetensors"))
-        fresh = load(path, copy.deepcopy(teacher))
-        same = torch.equal(embed(fresh, ev_b[:2]), embed(student, ev_b[:2]))
-        print_fn(f"saved to {path}; reloaded into a fresh copy: identical outputs = {same}")
-        result["reload_identical"] = same
-        result["path"] = path
     return result
