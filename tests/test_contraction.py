@@ -131,3 +131,37 @@ def test_reoriented_mm_gradients_equal_autograd(b_shape, transposed) -> None:
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x, y: contraction._CpuMM.apply(x, y), (a[:5], b))
+
+
+def test_copy_price_falls_with_contiguous_run() -> None:
+    model = contraction.cost_model("cpu")
+    gather, lines, unknown = model.copy(4e6, 4), model.copy(4e6, 256), model.copy(4e6)
+    assert unknown == gather  # without a run: the flat price, a gather's
+    assert lines < 0.2 * gather
+    sizes = dict(a=2, b=3, c=4, d=5)
+    assert contraction._contiguous_run("abcd", "bacd", sizes) == 20
+    assert contraction._contiguous_run("abcd", "abdc", sizes) == 1
+
+
+@pytest.mark.parametrize("rank", [0.01, 0.1])
+def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
+    """TT-matrix interleaves out and in modes; the rebuild must not end in a gather.
+
+    The flat-priced order left the innermost input mode strided (a 4 MB gather of
+    single elements, 1-1.5 ms at 1024x1024); laid out by run, at least that mode
+    stays contiguous, the price only falls (so 'auto' can only lean towards the
+    rebuild), and the weight is exact.
+    """
+    layer = tensorfold.FactorizedLinear((16, 8, 8), (16, 8, 8), factorization="ttm", rank=rank, dtype=torch.float64)
+    factors = layer.weight.layer_factors(())
+    shapes = tuple(tuple(f.shape) for f in factors)
+    p = functional._rebuild_plan(layer.weight.network, shapes, "cpu", 4)
+    assert p.final_perm is None or p.final_perm[-1] == 5
+    equation = layer.weight.network.weight_equation()
+    model = contraction.cost_model("cpu")
+    flat_steps, flat_perm, _, _, flat_cost = contraction._compile(equation, shapes, list(p.path), model, 4, "")
+    assert flat_perm is not None and flat_perm[-1] != 5  # what the flat price chose
+    assert p.cost_s < flat_cost  # the layout can only lower the rebuild's price
+    w = reconstruct_weight(factors, layer.weight.network)
+    ref = torch.einsum(equation, *factors).reshape(w.shape)
+    torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-12)
