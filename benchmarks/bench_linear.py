@@ -11,6 +11,14 @@ all of them alike; medians are reported as ratios to dense. Two regimes:
 * ``fwd``: inference, ``torch.no_grad()`` (tensorfold's 'auto' may reuse a cached weight);
 * ``train``: forward + backward of a training step (parameters require grad).
 
+Before every timed call the caches are flushed (``--flush-mb``, a write over a
+buffer larger than the last-level cache), so every candidate starts from the same
+state, as a layer does in a network whose other layers ran in between. Without it a
+candidate's time depended on which one ran before it: one that rebuilt a large
+weight left the caches cold, and with the same shuffles in every cell this biased
+the same candidates each time ('auto' read 10-19% slower than the identical
+'factorized' path of plain TT at 32 rows).
+
 Writes ``results.md`` (tables), ``results.json`` (raw medians), ``ratio_vs_fraction.png``
 and ``memory.md`` (bytes saved for backward per path, and CUDA peak memory) into
 ``--out``; every file is written to a temporary name and renamed into place.
@@ -111,9 +119,14 @@ def build_candidates(
 
 
 def time_cell(
-    cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, device: torch.device, slow_s: float
+    cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, device: torch.device, slow_s: float,
+    flush: torch.Tensor | None = None, seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Interleaved medians (seconds) of inference forward and of forward+backward."""
+    """Interleaved medians (seconds) of inference forward and of forward+backward.
+
+    ``flush``: a buffer written before every timed call (cold caches for everyone);
+    ``seed``: varies the candidate order between cells.
+    """
     grad = torch.randn(*x.shape[:-1], cands["dense"].out_features, device=x.device, dtype=x.dtype)
 
     def fwd(m: nn.Module) -> Callable[[], None]:
@@ -152,11 +165,13 @@ def time_cell(
         for r in range(repeats):
             # A fresh (seeded) order every repeat: no candidate always runs right after the
             # same one (one that rebuilt a large weight evicts the caches of the next).
-            random.Random(r).shuffle(names)
+            random.Random(seed * 1000 + r).shuffle(names)
             for name in names:
                 run = runs[name]
                 if name in failed or (name in slow and r >= 1):
                     continue
+                if flush is not None:
+                    flush.fill_(r)
                 _sync(device)
                 t0 = time.perf_counter()
                 run()
@@ -208,7 +223,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
         f"torch {meta['torch']}, {meta['threads']} thread(s), device {meta['device']}, dtype {meta['dtype']}, "
-        f"{meta['repeats']} interleaved repeats, medians.",
+        f"{meta['repeats']} interleaved repeats, medians, caches flushed before every timed call "
+        f"({meta.get('flush_mb', 0):g} MB written).",
         "",
         "Cells are time relative to dense `nn.Linear` of the same shape in the same cell "
         "(< 1 is faster). `fact`/`rec`/`auto`: tensorfold's implementations; `tlt`: the faster of "
@@ -353,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None, help="e.g. 1024x1024,768x3072 (in x out)")
     ap.add_argument("--no-tltorch", action="store_true", help="skip tensorly-torch even if installed")
     ap.add_argument("--slow-s", type=float, default=1.0, help="time candidates slower than this once only")
+    ap.add_argument("--flush-mb", type=float, default=64.0,
+                    help="write this many MB before every timed call to flush the caches (0: off)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
 
@@ -375,15 +393,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores".strip()
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
+        "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "flush_mb": args.flush_mb,
     }
+    flush = None
+    if args.flush_mb > 0:
+        flush = torch.empty(int(args.flush_mb * 2**20) // 4, device=device, dtype=torch.float32)
     results: list[dict] = []
     cells = [(s, b) for s in shapes for b in batches]
-    for (in_f, out_f), batch in tqdm(cells, desc="cells", unit="cell"):
+    for n_cell, ((in_f, out_f), batch) in enumerate(tqdm(cells, desc="cells", unit="cell")):
         torch.manual_seed(0)
         cands = build_candidates(in_f, out_f, fractions, formats, device, dtype, tltorch)
         x = torch.randn(*batch, in_f, device=device, dtype=dtype)
-        med = time_cell(cands, x, repeats, device, args.slow_s)
+        med = time_cell(cands, x, repeats, device, args.slow_s, flush, seed=n_cell)
         rows = math.prod(batch)
         dense = med["dense"]
         for fmt in formats:
