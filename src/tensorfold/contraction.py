@@ -193,7 +193,7 @@ def _contiguous_run(current: str, target: str, sizes: dict[str, int]) -> int:
     That is the size of the longest common suffix of the two label orders.
     """
     run = 1
-    for a, b in zip(reversed(current), reversed(target)):
+    for a, b in zip(reversed(current), reversed(target), strict=False):
         if a != b:
             break
         run *= sizes[a]
