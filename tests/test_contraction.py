@@ -152,14 +152,16 @@ def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
     stays contiguous, the price only falls (so 'auto' can only lean towards the
     rebuild), and the weight is exact.
     """
-    layer = tensorfold.FactorizedLinear((16, 8, 8), (16, 8, 8), factorization="ttm", rank=rank, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        (16, 8, 8), (16, 8, 8), factorization="ttm", rank=rank, dtype=torch.float64
+    )
     factors = layer.weight.layer_factors(())
     shapes = tuple(tuple(f.shape) for f in factors)
     p = functional._rebuild_plan(layer.weight.network, shapes, "cpu", 4)
     assert p.final_perm is None or p.final_perm[-1] == 5
     equation = layer.weight.network.weight_equation()
     model = contraction.cost_model("cpu")
-    flat_steps, flat_perm, _, _, flat_cost = contraction._compile(equation, shapes, list(p.path), model, 4, "")
+    _, flat_perm, _, _, flat_cost = contraction._compile(equation, shapes, list(p.path), model, 4, "")
     assert flat_perm is not None and flat_perm[-1] != 5  # what the flat price chose
     assert p.cost_s < flat_cost  # the layout can only lower the rebuild's price
     w = reconstruct_weight(factors, layer.weight.network)
