@@ -167,3 +167,30 @@ def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
     w = reconstruct_weight(factors, layer.weight.network)
     ref = torch.einsum(equation, *factors).reshape(w.shape)
     torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_bmm_step_is_exact_and_differentiable() -> None:
+    """A Tucker mode product between two free blocks runs as a bmm with the factor
+    broadcast (no copy of the batch-sized operand): same values and gradients as einsum."""
+    equation = "Zdef,ej->Zdjf"
+    shapes = ((3, 4, 5, 16), (5, 6))
+    p = contraction_plan(equation, shapes)
+    assert [s.kind for s in p.steps] == ["bbmm"]
+    assert contraction_plan("Zdef,ej->Zdjf", ((3, 4, 5, 4), (5, 6))).steps[0].kind == "mm"  # short rows
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    u = torch.randn(5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.testing.assert_close(p(x, u), torch.einsum(equation, x, u), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: p(a, b), (x[:2], u))
+
+
+def test_tucker_layer_with_broadcast_steps_matches_dense() -> None:
+    layer = tensorfold.FactorizedLinear(
+        (8, 16, 16), (8, 16, 16), factorization="tucker", rank=0.05, implementation="factorized",
+        dtype=torch.float64,
+    )
+    factors = layer.weight.layer_factors(())
+    program = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 32, "cpu", 8)
+    assert any(s.kind == "bbmm" for s in program.forward.steps)
+    x = torch.randn(32, layer.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ layer.to_linear().weight.T + layer.bias, rtol=1e-10, atol=1e-10)
