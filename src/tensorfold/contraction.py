@@ -316,10 +316,11 @@ def _compile_step(
 
 # When a contraction would copy the batch-sized operand (its contracted labels sit between
 # free ones: each mode product of a Tucker chain), a bmm with the factor broadcast over the
-# leading labels copies nothing. Measured (2 threads, same-process A/B of whole layers):
-# Tucker forward 0.50-0.94x, training 0.59-0.98x. It lost where the factor is large (CP's
-# 3231x256 Khatri-Rao block: 1.6-3.1x; TT cores: 1.2-1.3x), so the factor must be small,
-# and where rows are short (8 elements: no gain; 2-4: 1.05-2.5x slower).
+# leading labels copies nothing. Measured (2 threads, `benchmarks/ab_planner_rules.py
+# --rule broadcast-bmm`): Tucker forward 0.37-1.07x (14 of 16 layers faster), training
+# 0.55-1.00x. It lost where the factor is large (CP's 3231x256 Khatri-Rao block: 1.6-3.1x;
+# TT cores: 1.2-1.3x), so the factor must be small, and where rows are short (8 elements:
+# no gain; 2-4: 1.05-2.5x slower).
 _BROADCAST_MIN_ROW = 16  # elements of the trailing free block
 _BROADCAST_MAX_FACTOR = 1024  # elements of the broadcast factor
 
