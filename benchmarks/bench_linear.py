@@ -120,12 +120,12 @@ def build_candidates(
 
 def time_cell(
     cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, device: torch.device, slow_s: float,
-    flush: torch.Tensor | None = None, seed: int = 0,
+    flush: torch.Tensor | None = None, seed: int = 0, regimes: tuple[str, ...] = ("fwd", "train"),
 ) -> dict[str, dict[str, float]]:
     """Interleaved medians (seconds) of inference forward and of forward+backward.
 
     ``flush``: a buffer written before every timed call (cold caches for everyone);
-    ``seed``: varies the candidate order between cells.
+    ``seed``: varies the candidate order between cells; ``regimes``: which of the two.
     """
     grad = torch.randn(*x.shape[:-1], cands["dense"].out_features, device=x.device, dtype=x.dtype)
 
@@ -144,6 +144,8 @@ def time_cell(
 
     out: dict[str, dict[str, float]] = {}
     for regime, make in (("fwd", fwd), ("train", train)):
+        if regime not in regimes:
+            continue
         runs = {name: make(m) for name, m in cands.items()}
         samples: dict[str, list[float]] = {name: [] for name in runs}
         failed: set[str] = set()

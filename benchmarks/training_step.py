@@ -3,7 +3,8 @@
 Usage: python benchmarks/training_step.py [--threads 1] [--tltorch]
 
 Forward + backward (input without grad, as for a first layer), 9 interleaved repeats in a
-shuffled order, medians, each ratio against ``nn.Linear`` timed in the same loop. ``--tltorch`` adds
+shuffled order, medians, each ratio against ``nn.Linear`` timed in the same loop: the
+training regime of ``bench_linear.time_cell``, without its cache flush. ``--tltorch`` adds
 tensorly-torch's BlockTT next to the TT-matrix rows. Used for the A/B figures of
 benchmarks/RESULTS.md (run once before and once after a change, in one session).
 """
@@ -11,39 +12,21 @@ benchmarks/RESULTS.md (run once before and once after a change, in one session).
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
+import math
 import warnings
 
 import torch
+from bench_linear import time_cell as interleaved_medians  # benchmarks/ is this script's folder
 
 import tensorfold
 
 
-def time_cell(cands: dict[str, torch.nn.Module], x: torch.Tensor, g: torch.Tensor,
-              repeats: int) -> dict[str, float]:
+def time_cell(cands: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median training-step time of each candidate over dense's (and dense's in ms)."""
-
-    def step(m: torch.nn.Module) -> None:
-        for prm in m.parameters():
-            prm.grad = None
-        m(x).backward(g)
-
-    for m in cands.values():
-        step(m)
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    names = list(cands)
-    for r in range(repeats):
-        # A fresh seeded order each repeat: no candidate always follows the same
-        # (cache-evicting) one.
-        random.Random(r).shuffle(names)
-        for k in names:
-            t0 = time.perf_counter()
-            step(cands[k])
-            times[k].append(time.perf_counter() - t0)
-    dense = statistics.median(times["dense"])
-    out = {k: statistics.median(v) / dense for k, v in times.items()}
+    med = interleaved_medians(cands, x, repeats, torch.device("cpu"), math.inf, regimes=("train",))
+    times = {k: v["train"] for k, v in med.items()}
+    dense = times["dense"]
+    out = {k: v / dense for k, v in times.items()}
     out["dense_ms"] = 1e3 * dense
     return out
 
@@ -78,8 +61,7 @@ def main() -> None:
                             cands[f"tlt-{impl}"] = tltorch.FactorizedLinear(
                                 in_m, out_m, factorization="blocktt", rank=frac,
                                 implementation=impl)
-                x, g = torch.randn(rows, 1024), torch.randn(rows, 1024)
-                ratios = time_cell(cands, x, g, a.repeats)
+                ratios = time_cell(cands, torch.randn(rows, 1024), a.repeats)
                 dense = ratios.pop("dense_ms")
                 cells = " ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k != "dense")
                 print(f"{fmt:6s} {frac:4} {rows:5d} dense {dense:.2f} ms  {cells}", flush=True)
