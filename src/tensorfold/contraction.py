@@ -80,6 +80,47 @@ class Network:
                 sizes[label] = size
         return sizes
 
+    def narrowest_cut(
+        self, shapes: tuple[tuple[int, ...], ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
+        """Split the factors into an input side and an output side, crossing the fewest bonds.
+
+        Returns ``(input-side positions, output-side positions, crossing labels)``, the
+        split whose crossing labels have the smallest product of sizes (the rank ``r``
+        of ``W = up @ down``), or None where a factor carries both input and output
+        modes (TT-matrix) and no such split exists. Factors with neither (a Tucker
+        core, CP weights, selected layer cores) may go to either side; all choices
+        are tried, since there are only a few.
+        """
+        sizes = self.sizes(shapes)
+        ins: list[int] = []
+        outs: list[int] = []
+        free: list[int] = []
+        for k, sub in enumerate(self.subscripts):
+            has_in = any(c in self.in_labels for c in sub)
+            has_out = any(c in self.out_labels for c in sub)
+            if has_in and has_out:
+                return None
+            (ins if has_in else outs if has_out else free).append(k)
+        if len(free) > _CUT_MAX_FREE:
+            return None
+        best: tuple[int, tuple[int, ...], tuple[int, ...], str] | None = None
+        for mask in range(1 << len(free)):
+            down = sorted(ins + [f for j, f in enumerate(free) if mask >> j & 1])
+            up = sorted(outs + [f for j, f in enumerate(free) if not mask >> j & 1])
+            if not down or not up:
+                continue
+            up_labels = set("".join(self.subscripts[k] for k in up))
+            seen = "".join(self.subscripts[k] for k in down)
+            cut = "".join(c for k, c in enumerate(seen) if c in up_labels and seen.index(c) == k)
+            rank = math.prod(sizes[c] for c in cut)
+            if best is None or rank < best[0]:
+                best = (rank, tuple(down), tuple(up), cut)
+        return None if best is None else best[1:]
+
+
+_CUT_MAX_FREE = 8  # factors free to sit on either side of a cut (2**8 splits tried)
+
 
 # ---------------------------------------------------------------------------------------
 # Cost model
@@ -100,6 +141,8 @@ class CostModel:
         read_rate, write_rate: memory bandwidth, bytes/s.
         launch_s: fixed cost of one kernel call (Python + dispatch, or a CUDA launch).
         small_dim: GEMM side length at which efficiency halves.
+        cold_call_s: what one kernel call costs on top of ``launch_s`` when the
+            caches are cold, as in a network whose other layers ran in between.
     """
 
     flop_rate: float
@@ -107,6 +150,7 @@ class CostModel:
     write_rate: float
     launch_s: float
     small_dim: float
+    cold_call_s: float = 0.0
 
     def efficiency(self, *dims: int) -> float:
         eff = 1.0
@@ -138,8 +182,11 @@ _LINE_COPY_SCALE = 0.1  # a copy of whole cache lines, relative to a gather of s
 
 
 # 2-core x86 CPU, fp32, 2 threads (single GEMM/copy timings): ~1e11 FLOP/s on large GEMMs,
-# ~15 GB/s reads, ~4 GB/s into freshly allocated memory, ~5 us per ATen call from Python.
-_CPU = CostModel(flop_rate=1.0e11, read_rate=1.5e10, write_rate=4.0e9, launch_s=5e-6, small_dim=12.0)
+# ~15 GB/s reads, ~4 GB/s into freshly allocated memory, ~5 us per ATen call from Python,
+# ~20 us more with cold caches (two F.linear calls, 32 rows: 24 us hot, 70 us after a 64 MB write).
+_CPU = CostModel(
+    flop_rate=1.0e11, read_rate=1.5e10, write_rate=4.0e9, launch_s=5e-6, small_dim=12.0, cold_call_s=2e-5
+)
 # One H100, bf16: tensor-core GEMM, HBM; each compiled step (permute, reshape, mm, view) costs
 # ~50 us of host-side dispatch there (measured: the factorized chains ran ~8x a 60 us dense call).
 _CUDA = CostModel(flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=5e-5, small_dim=64.0)

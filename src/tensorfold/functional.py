@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from .errors import ImplementationError, ShapeError
+from .errors import FactorizationError, ImplementationError, ShapeError
 from .contraction import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "choose_implementation",
     "layer_program",
     "LayerProgram",
+    "SplitProgram",
+    "split_weight",
 ]
 
 IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
@@ -43,8 +45,11 @@ IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
 # in training too; the lean backward of the factorized path recomputes its forward.
 _LEAN_RECOMPUTE = 4.0 / 3.0
 # With a reusable weight the dense GEMM is the safe side (exactly nn.Linear's speed):
-# the factorized path must be predicted clearly faster to be taken.
+# the factorized path must be predicted clearly faster to be taken. A cached split pair
+# is two plain GEMMs, which the model prices well (CP 1% at 4096x4096: predicted 0.85x
+# dense, measured 0.85-0.88x), so it needs a smaller margin.
 _CACHED_MARGIN = 1.25
+_SPLIT_MARGIN = 1.1
 # Without a reusable weight, a near tie also goes to rebuild + GEMM: one large GEMM runs
 # nearer the machine's peak than the model credits, and in every near tie measured
 # (CP 10% at >= 1024 rows, model within 1%; TT-matrix) the rebuild won by 2-9%.
@@ -67,25 +72,44 @@ class LayerProgram:
 
     Attributes:
         in_features, out_features: the layer's widths.
+        rows: the batch bucket (row count) everything was planned and priced for.
         in_modes: the input's tensorized shape (for the reshape into the network).
         forward: the plan contracting ``x[Z, in_modes]`` with the factors.
         rebuild: the plan rebuilding ``W`` (no intermediate larger than ``W``).
-        t_factorized, t_rebuild, t_gemm: cost-model seconds of the factorized forward,
-            of rebuilding ``W``, and of the dense GEMM, at the bucket's row count.
+        split: ``W = up @ down`` at the network's narrowest cut, or None (TT-matrix).
+        t_factorized, t_rebuild, t_gemm, t_split: cost-model seconds of the factorized
+            forward, of rebuilding ``W``, of the dense GEMM and of the two thin GEMMs
+            with a cached split (inf without one), at the bucket's row count.
         choice: ``'factorized'`` or ``'reconstructed'`` when ``W`` must be rebuilt.
-        choice_cached: the same when a rebuilt ``W`` can be reused (inference).
+        choice_cached: what runs when rebuilt operands can be reused (inference):
+            ``'factorized'``, ``'reconstructed'`` (a cached ``W``) or ``'split'`` (a
+            cached ``(down, up)`` pair).
     """
 
     in_features: int
     out_features: int
+    rows: int
     in_modes: tuple[int, ...]
     forward: ContractionPlan
     rebuild: ContractionPlan
+    split: SplitProgram | None
     t_factorized: float
     t_rebuild: float
     t_gemm: float
+    t_split: float
     choice: str
     choice_cached: str
+
+    def flops(self, path: str) -> int:
+        """FLOPs of one call of ``path`` (a :attr:`choice_cached` value) on ``rows`` rows.
+
+        A cached operand is free; ``'reconstructed'`` counts the GEMM only.
+        """
+        if path == "factorized":
+            return self.forward.flops
+        if path == "split" and self.split is not None:
+            return 2 * self.rows * self.split.rank * (self.in_features + self.out_features)
+        return 2 * self.rows * self.in_features * self.out_features
 
 
 def _mode_sizes(network: Network, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int]]:
@@ -100,6 +124,54 @@ def _rebuild_plan(
     out_modes, in_modes = _mode_sizes(network, shapes)
     numel = math.prod(out_modes) * math.prod(in_modes)
     return contraction_plan(network.weight_equation(), shapes, numel, device_type, itemsize)
+
+
+@dataclass(frozen=True)
+class SplitProgram:
+    """``W = up @ down`` at the narrowest cut between input and output modes.
+
+    With parameters that do not change (inference), ``down (rank, in)`` and
+    ``up (out, rank)`` are rebuilt once and every call is two thin GEMMs,
+    ``2 rows rank (in + out)`` FLOPs: a TT layer's middle bond, a Tucker core's
+    smaller side, a CP rank.
+
+    Attributes:
+        rank: the product of the crossing bonds' sizes.
+        down_factors, up_factors: factor positions on the input and output side.
+        down, up: plans contracting each side to ``cut + in`` and ``out + cut`` labels.
+    """
+
+    rank: int
+    down_factors: tuple[int, ...]
+    up_factors: tuple[int, ...]
+    down: ContractionPlan
+    up: ContractionPlan
+
+    def __call__(self, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        down = self.down(*[factors[k] for k in self.down_factors])
+        up = self.up(*[factors[k] for k in self.up_factors])
+        return down.reshape(self.rank, -1), up.reshape(-1, self.rank)
+
+
+@lru_cache(maxsize=4096)
+def _split_program(
+    network: Network, shapes: tuple[tuple[int, ...], ...], device_type: str, itemsize: int
+) -> SplitProgram | None:
+    cut = network.narrowest_cut(shapes)
+    if cut is None:
+        return None
+    down_factors, up_factors, labels = cut
+    sizes = network.sizes(shapes)
+    rank = math.prod(sizes[c] for c in labels)
+    out_modes, in_modes = _mode_sizes(network, shapes)
+
+    def side(positions: tuple[int, ...], output: str, numel: int) -> ContractionPlan:
+        equation = ",".join(network.subscripts[k] for k in positions) + "->" + output
+        return contraction_plan(equation, tuple(shapes[k] for k in positions), numel, device_type, itemsize)
+
+    down = side(down_factors, labels + network.in_labels, rank * math.prod(in_modes))
+    up = side(up_factors, network.out_labels + labels, rank * math.prod(out_modes))
+    return SplitProgram(rank, down_factors, up_factors, down, up)
 
 
 @lru_cache(maxsize=8192)
@@ -127,9 +199,31 @@ def layer_program(
     t_fact = forward.cost_s + model.launch_s
     t_rebuild = rebuild.cost_s
     choice = "factorized" if t_fact * _REBUILD_MARGIN <= t_rebuild + t_gemm else "reconstructed"
-    choice_cached = "factorized" if t_fact * _CACHED_MARGIN <= t_gemm else "reconstructed"
+    split = _split_program(network, shapes, device_type, itemsize)
+    t_split = math.inf
+    if split is not None:
+        r = split.rank
+        t_split = model.kernel(
+            2.0 * bucket * n_in * r, (bucket * n_in + n_in * r) * itemsize, bucket * r * itemsize, (bucket, n_in, r)
+        ) + model.kernel(
+            2.0 * bucket * r * n_out, (bucket * r + r * n_out) * itemsize, bucket * n_out * itemsize, (bucket, r, n_out)
+        )
+    # With cached operands (inference): the cheaper thin path, if clearly cheaper than the
+    # dense GEMM. Priced with cold caches, as a layer between other layers runs: then every
+    # kernel call costs more, and a chain of many kernels pays most (Tucker 1%, 1024x1024,
+    # 32 rows: its 8-kernel chain and the split were priced equal hot, and the split ran
+    # 2.2x faster; benchmarks/ab_inference_choice.py).
+    cold = model.cold_call_s
+    cold_fact = t_fact + (forward.n_kernels + 1) * cold
+    cold_split = t_split + 2 * cold
+    cold_gemm = t_gemm + cold
+    if cold_split <= cold_fact:
+        choice_cached = "split" if cold_split * _SPLIT_MARGIN <= cold_gemm else "reconstructed"
+    else:
+        choice_cached = "factorized" if cold_fact * _CACHED_MARGIN <= cold_gemm else "reconstructed"
     return LayerProgram(
-        n_in, n_out, tuple(in_modes), forward, rebuild, t_fact, t_rebuild, t_gemm, choice, choice_cached
+        n_in, n_out, bucket, tuple(in_modes), forward, rebuild, split,
+        t_fact, t_rebuild, t_gemm, t_split, choice, choice_cached,
     )
 
 
@@ -248,13 +342,41 @@ def reconstruct_weight(factors: Sequence[Tensor], network: Network) -> Tensor:
     return plan(*factors).reshape(math.prod(out_modes), math.prod(in_modes))
 
 
+def split_weight(factors: Sequence[Tensor], network: Network) -> tuple[Tensor, Tensor]:
+    """The weight as two thin matrices, ``W = up @ down``, split where the fewest bonds cross.
+
+    ``y = x W^T + b`` is then ``F.linear(F.linear(x, down), up, b)``. Exact (no
+    truncation): ``rank`` is the product of the bond sizes crossing from the input
+    factors to the output factors (TT: the bond between the last output core and the
+    first input core; Tucker: the smaller side of the core; CP: the rank).
+
+    Shape:
+        factors: single-layer factors; returns ``down (rank, in_features)``,
+        ``up (out_features, rank)``.
+
+    Raises:
+        FactorizationError: where a factor holds both input and output modes (TT-matrix),
+            so no such split exists.
+    """
+    f0 = factors[0]
+    shapes = tuple(tuple(f.shape) for f in factors)
+    split = _split_program(network, shapes, f0.device.type, f0.element_size())
+    if split is None:
+        raise FactorizationError(
+            "split_weight: a factor holds both input and output modes (as in TT-matrix), "
+            "so the weight has no split into an input side and an output side"
+        )
+    return split(factors)
+
+
 def choose_implementation(
     factors: Sequence[Tensor], network: Network, rows: int, reuse_weight: bool = False
 ) -> str:
     """'factorized' or 'reconstructed', whichever the cost model says is cheaper for ``rows``.
 
-    With ``reuse_weight=True`` the rebuild is taken as free (a cached weight is reused),
-    so 'reconstructed' means one dense GEMM.
+    With ``reuse_weight=True`` rebuilt operands are taken as free (inference reuses them):
+    'reconstructed' means one dense GEMM with a cached ``W``, and a third answer,
+    'split', means two thin GEMMs with a cached :func:`split_weight` pair.
     """
     program = _program(factors, network, rows)
     return program.choice_cached if reuse_weight else program.choice

@@ -18,6 +18,7 @@ from ..functional import (
     choose_implementation,
     factorized_linear,
     reconstruct_weight,
+    split_weight,
 )
 from ..contraction import batch_bucket
 from ..shapes import check_modes, tensorized_shape
@@ -166,11 +167,12 @@ class FactorizedLinear(nn.Module):
                                  lean_backward=self.checkpointing)
 
     # ---- inference weight cache ---------------------------------------------------------
-    # In inference a rebuilt weight is reused while the factors are unchanged: the key
-    # holds each factor's version counter (bumped by every in-place update, optimiser
-    # steps and load_state_dict included) and storage address; _apply (.to(), .half(),
-    # .cuda(), ...) and load_state_dict clear it. Not a buffer: never in state_dict, and
-    # dropped on copy/pickle. Bypassed under torch.compile (traced code rebuilds).
+    # In inference rebuilt operands (the weight, or 'auto''s thin split pair) are reused
+    # while the factors are unchanged: the key holds each factor's version counter (bumped
+    # by every in-place update, optimiser steps and load_state_dict included) and storage
+    # address; _apply (.to(), .half(), .cuda(), ...) and load_state_dict clear it. Not a
+    # buffer: never in state_dict, and dropped on copy/pickle. Bypassed under
+    # torch.compile (traced code rebuilds).
     def _may_reuse_weight(self) -> bool:
         if torch.compiler.is_compiling():
             return False
@@ -179,7 +181,8 @@ class FactorizedLinear(nn.Module):
         return not any(p.requires_grad for p in self.weight.factors._parameters.values())  # type: ignore[union-attr]
 
     def _forward_reusing_weight(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
-        """``F.linear`` with the cached weight, or None where 'auto' prefers the factorized path."""
+        """The forward with cached operands, or None where 'auto' prefers the factorized path."""
+        choice = "reconstructed"
         if self.implementation == "auto":
             choices = self.__dict__.setdefault("_choice_cache", {})
             bucket = batch_bucket(x.numel() // self.in_features)
@@ -191,23 +194,31 @@ class FactorizedLinear(nn.Module):
                 choices[bucket] = choice
             if choice == "factorized":
                 return None
-        return F.linear(x, self._cached_weight(idx), bias)
+        if choice == "split":
+            down, up = self._cached_operands(idx, "split")
+            return F.linear(F.linear(x, down), up, bias)
+        return F.linear(x, self._cached_operands(idx, "reconstructed"), bias)
 
-    def _cached_weight(self, idx: tuple[int, ...]) -> Tensor:
+    def _cached_operands(self, idx: tuple[int, ...], kind: str) -> Any:
+        """The rebuilt weight (``kind='reconstructed'``) or ``(down, up)`` (``'split'``)."""
         cache = self.__dict__.setdefault("_weight_cache", {})
         key = tuple([(p._version, p.data_ptr()) for p in self.weight.factors._parameters.values()])
-        hit = cache.get(idx)
+        hit = cache.get((idx, kind))
         if hit is not None and hit[0] == key:
             return hit[1]
         if cache and next(iter(cache.values()))[0] != key:
             cache.clear()  # the factors changed: every layer's entry is stale
+        factors = self.weight.layer_factors(idx)
         with torch.no_grad():
-            weight = reconstruct_weight(self.weight.layer_factors(idx), self.weight.network)
-        cache[idx] = (key, weight)
-        return weight
+            if kind == "split":
+                value: Any = split_weight(factors, self.weight.network)
+            else:
+                value = reconstruct_weight(factors, self.weight.network)
+        cache[(idx, kind)] = (key, value)
+        return value
 
     def clear_weight_cache(self) -> None:
-        """Drop the rebuilt weights kept for inference (they are rebuilt on demand)."""
+        """Drop the rebuilt weights and split pairs kept for inference (rebuilt on demand)."""
         self.__dict__["_weight_cache"] = {}
         self.__dict__["_choice_cache"] = {}
 
