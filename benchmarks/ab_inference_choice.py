@@ -33,7 +33,7 @@ from tensorfold.functional import factorized_linear, layer_program, reconstruct_
 PATHS = ("factorized", "split", "reconstructed")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1024x1024,768x3072,3072x768,4096x4096")
     ap.add_argument("--rows", default="32,1024,2048")
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.01,0.1")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     flush = torch.empty(2**24)  # 64 MB, written before every call; also lifts glibc's mmap threshold
@@ -56,6 +56,9 @@ def main() -> None:
                 layer = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=frac)
                 net, bias = layer.weight.network, layer.bias.detach()
                 factors = [f.detach() for f in layer.weight.layer_factors(())]
+                if net.narrowest_cut(tuple(tuple(f.shape) for f in factors)) is None:
+                    print(f"{fmt}: no split (a factor holds input and output modes); skipped")
+                    break
                 weight = reconstruct_weight(factors, net)
                 down, up = split_weight(factors, net)
                 for rows in (int(v) for v in args.rows.split(",")):

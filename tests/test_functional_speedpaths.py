@@ -243,3 +243,22 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
     for name in ("results.md", "results.json", "ratio_vs_fraction.png", "memory.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| 16x16 |" in (tmp_path / "results.md").read_text()
+
+
+def test_inference_choice_audit_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "ab_inference_choice", ROOT / "benchmarks" / "ab_inference_choice.py"
+    )
+    audit = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(audit)
+    threads = torch.get_num_threads()
+    try:
+        audit.main(["--shapes", "16x16", "--rows", "4", "--formats", "tt,ttm", "--fractions", "0.5",
+                    "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| 16x16 | 4 | tt | 0.5 |" in out
+    assert "ttm: no split" in out
+    assert "pick within 1.1x of the fastest path: " in out

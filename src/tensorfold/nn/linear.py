@@ -208,8 +208,8 @@ class FactorizedLinear(nn.Module):
             return hit[1]
         if cache and next(iter(cache.values()))[0] != key:
             cache.clear()  # the factors changed: every layer's entry is stale
-        factors = self.weight.layer_factors(idx)
         with torch.no_grad():
+            factors = self.weight.layer_factors(idx)
             if kind == "split":
                 value: Any = split_weight(factors, self.weight.network)
             else:
