@@ -194,3 +194,28 @@ def test_tucker_layer_with_broadcast_steps_matches_dense() -> None:
     assert any(s.kind == "bbmm" for s in program.forward.steps)
     x = torch.randn(32, layer.in_features, dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ layer.to_linear().weight.T + layer.bias, rtol=1e-10, atol=1e-10)
+
+
+def test_size_one_labels_are_dropped_without_a_sum() -> None:
+    """TT's boundary ranks (size 1) used to cost a reduction kernel each per call."""
+    _clear_caches()
+    net = get_format("tt").network_for(2, 2)
+    shapes = ((1, 3, 4), (4, 2, 5), (5, 3, 4), (4, 2, 1))
+    torch.manual_seed(0)
+    factors = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    x = torch.randn(7, 3, 2, dtype=torch.float64)
+    for equation, operands in (
+        (net.weight_equation(), factors),
+        (net.forward_equation(), [x, *factors]),
+    ):
+        plan = contraction_plan(equation, tuple(tuple(t.shape) for t in operands))
+        assert all(not op.presum for step in plan.steps for op in (step.a, step.b) if op is not None)
+        torch.testing.assert_close(plan(*operands), torch.einsum(equation, *operands), rtol=1e-12, atol=1e-12)
+    # A label of size > 1 used by one operand only is still summed.
+    plan = contraction_plan("abc,cd->ad", ((2, 3, 4), (4, 5)))
+    a, d = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(plan(a, d), torch.einsum("abc,cd->ad", a, d))
+    # Mixed: a size-1 and a size-3 label dropped from one operand: one sum over both.
+    plan = contraction_plan("abce,cd->ad", ((2, 3, 4, 1), (4, 5)))
+    a = torch.randn(2, 3, 4, 1, dtype=torch.float64)
+    torch.testing.assert_close(plan(a, d), torch.einsum("abce,cd->ad", a, d))

@@ -253,15 +253,32 @@ def _prepare(
     labels: str, groups: list[str], sizes: dict[str, int], dynamic: str, slot: int, keep: set[str]
 ) -> tuple[_Operand, int, str]:
     """Lay ``labels`` out as the concatenated ``groups``; sum labels not in ``keep``."""
-    presum = tuple(i for i, c in enumerate(labels) if c not in keep)
-    current = "".join(c for c in labels if c in keep)
+    dropped = _unit_labels(labels, keep, sizes, dynamic)
+    presum = tuple(i for i, c in enumerate(labels) if c not in keep and c not in dropped)
+    current = "".join(c for c in labels if c in keep or c in dropped)
     target = "".join(groups)
-    perm = None if current == target else tuple(current.index(c) for c in target)
+    kept_order = "".join(c for c in current if c not in dropped)
+    perm = None
+    if kept_order != target:  # size-1 labels go last, where the reshape drops them
+        perm = tuple(current.index(c) for c in target + "".join(c for c in current if c in dropped))
     shape = tuple(_group_size(g, sizes, dynamic) for g in groups)
     numel = math.prod(sizes[c] for c in labels)
     # A permutation that only regroups keeps memory order when it is the identity.
     copies = perm is not None and len(target) > 1
     return _Operand(slot, presum, perm, shape, False, copies), numel, target
+
+
+def _unit_labels(labels: str, keep: set[str], sizes: dict[str, int], dynamic: str) -> str:
+    """Labels to drop without a sum: all of size 1, so a reshape removes them (a view).
+
+    A TT or TT-matrix layer's boundary ranks are such labels; summing them cost two
+    reduction kernels per call. Only when every label to drop has size 1: otherwise
+    one sum over all of them is one kernel anyway.
+    """
+    unused = "".join(c for c in labels if c not in keep)
+    if unused and all(sizes[c] == 1 and c != dynamic for c in unused):
+        return unused
+    return ""
 
 
 def _orient(labels: str, options: list[list[str]]) -> tuple[list[str], bool]:
@@ -604,12 +621,14 @@ def _compile(
         if len(picked) == 1:  # a reduction of labels no other operand uses
             (labels, slot), = picked
             keep_after = set(output).union(*(set(s) for s, _ in live))
-            presum = tuple(i for i, c in enumerate(labels) if c not in keep_after)
+            dropped = _unit_labels(labels, keep_after, sizes, dynamic)
+            presum = tuple(i for i, c in enumerate(labels) if c not in keep_after and c not in dropped)
             result = "".join(c for c in labels if c in keep_after)
             numel = math.prod(sizes[c] for c in labels)
             steps.append(_Step("sum", _Operand(slot, presum, None, _shape_of(result, sizes, dynamic), False, False),
                                None, _shape_of(result, sizes, dynamic), ()))
-            cost += model.kernel(numel, numel * itemsize, math.prod(sizes[c] for c in result) * itemsize)
+            if presum:  # otherwise the step is a reshape (a view): no kernel
+                cost += model.kernel(numel, numel * itemsize, math.prod(sizes[c] for c in result) * itemsize)
             live.append((result, next_slot))
             next_slot += 1
             continue
