@@ -77,11 +77,13 @@ def _core_dims(fmt: str, out_modes, in_modes, layer_shape) -> tuple[int, ...]:
 @st.composite
 def valid_rank(draw, fmt: str, out_modes, in_modes, layer_shape):
     """Every rank form the format accepts: 'same', a fraction, an int, a tuple."""
-    form = draw(st.sampled_from(["same", "float", "int", "tuple"]))
+    # A one-core TT-matrix is the dense weight: it refuses ints and budgets below it.
+    single_core = fmt == "ttm" and len(_core_dims(fmt, out_modes, in_modes, layer_shape)) == 1
+    form = draw(st.sampled_from(["same", "float", "tuple"] if single_core else ["same", "float", "int", "tuple"]))
     if form == "same":
         return draw(st.sampled_from(["same", "SAME"]))
     if form == "float":
-        return draw(st.floats(0.01, 2.0))
+        return draw(st.floats(1.0 if single_core else 0.01, 2.0))
     if form == "int":
         return draw(st.integers(1, 6))
     if fmt == "cp":
