@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,21 +17,23 @@ from reference import dense_weight
 SPLIT_FORMATS = ["cp", "tucker", "tt"]
 
 
-def _layer(fmt: str, rank, n_layers=1, dtype=torch.float64) -> tensorfold.FactorizedLinear:
+def _layer(fmt: str, rank, n_layers=1, dtype=torch.float64, device="cpu") -> tensorfold.FactorizedLinear:
     torch.manual_seed(0)
     return tensorfold.FactorizedLinear((3, 4, 2), (2, 5), factorization=fmt, rank=rank,
-                                       n_layers=n_layers, dtype=dtype)
+                                       n_layers=n_layers, dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("fmt", SPLIT_FORMATS)
 @pytest.mark.parametrize("n_layers", [1, (2, 3)])
-def test_split_is_exact_against_the_dense_reference(fmt: str, n_layers) -> None:
-    layer = _layer(fmt, 0.5, n_layers)
+def test_split_is_exact_against_the_dense_reference(fmt: str, n_layers, device) -> None:
+    layer = _layer(fmt, 0.5, n_layers, device=device)
     indices = [()] if n_layers == 1 else [(0, 0), (1, 2)]
     for idx in indices:
         down, up = split_weight(layer.weight.layer_factors(idx), layer.weight.network)
         assert down.shape[1] == 24 and up.shape[0] == 10 and down.shape[0] == up.shape[1]
-        torch.testing.assert_close(up @ down, dense_weight(layer, idx), rtol=1e-12, atol=1e-12)
+        assert down.device.type == up.device.type == device.type
+        reference = dense_weight(copy.deepcopy(layer).cpu(), idx)
+        torch.testing.assert_close((up @ down).cpu(), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_split_rank_is_the_narrowest_cut() -> None:
