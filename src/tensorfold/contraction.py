@@ -163,6 +163,10 @@ class CostModel:
         memory = read / self.read_rate + written / self.write_rate
         return max(compute, memory) + self.launch_s
 
+    def gemm(self, m: int, k: int, n: int, itemsize: int) -> float:
+        """One ``(m x k) @ (k x n)`` GEMM: reads both operands, writes the ``m x n`` result."""
+        return self.kernel(2.0 * m * k * n, (m * k + k * n) * itemsize, m * n * itemsize, (m, k, n))
+
     def copy(self, nbytes: float, run_bytes: float = 0.0) -> float:
         """A layout copy; ``run_bytes``: how much of it stays contiguous (0: not known).
 

@@ -191,10 +191,7 @@ def layer_program(
     )
     rebuild = _rebuild_plan(network, shapes, device_type, itemsize)
     model = cost_model(device_type)
-    t_gemm = model.kernel(
-        2.0 * bucket * n_in * n_out, (bucket * n_in + n_in * n_out) * itemsize, bucket * n_out * itemsize,
-        (bucket, n_in, n_out),
-    )
+    t_gemm = model.gemm(bucket, n_in, n_out, itemsize)
     # The factorized path also pays the reshape of x and (maybe) of y.
     t_fact = forward.cost_s + model.launch_s
     t_rebuild = rebuild.cost_s
@@ -202,12 +199,7 @@ def layer_program(
     split = _split_program(network, shapes, device_type, itemsize)
     t_split = math.inf
     if split is not None:
-        r = split.rank
-        t_split = model.kernel(
-            2.0 * bucket * n_in * r, (bucket * n_in + n_in * r) * itemsize, bucket * r * itemsize, (bucket, n_in, r)
-        ) + model.kernel(
-            2.0 * bucket * r * n_out, (bucket * r + r * n_out) * itemsize, bucket * n_out * itemsize, (bucket, r, n_out)
-        )
+        t_split = model.gemm(bucket, n_in, split.rank, itemsize) + model.gemm(bucket, split.rank, n_out, itemsize)
     # With cached operands (inference): the cheaper thin path, if clearly cheaper than the
     # dense GEMM. Priced with cold caches, as a layer between other layers runs: then every
     # kernel call costs more, and a chain of many kernels pays most (Tucker 1%, 1024x1024,
