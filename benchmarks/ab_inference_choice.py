@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    flush = torch.empty(2**24)  # 64 MB, written before every call; also lifts glibc's mmap threshold
-    print("| shape | rows | format | frac | rank | dense ms | factorized | split | reconstructed | pick | pick/best |")
+    flush = torch.empty(
+        2**24
+    )  # 64 MB, written before every call; also lifts glibc's mmap threshold
+    print(
+        "| shape | rows | format | frac | rank | dense ms | factorized | split | reconstructed | pick | pick/best |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = []
     for shape in args.shapes.split(","):
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         in_modes, out_modes = tensorfold.tensorized_shape(in_f, out_f, 3)
         for fmt in args.formats.split(","):
             for frac in (float(v) for v in args.fractions.split(",")):
-                layer = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=frac)
+                layer = tensorfold.FactorizedLinear(
+                    in_modes, out_modes, factorization=fmt, rank=frac
+                )
                 net, bias = layer.weight.network, layer.bias.detach()
                 factors = [f.detach() for f in layer.weight.layer_factors(())]
                 if net.narrowest_cut(tuple(tuple(f.shape) for f in factors)) is None:
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
                     x = torch.randn(rows, in_f)
                     program = layer_program(net, tuple(tuple(f.shape) for f in factors), rows)
                     runs = {
-                        "factorized": lambda: factorized_linear(x, factors, net, bias, "factorized"),
+                        "factorized": lambda: factorized_linear(
+                            x, factors, net, bias, "factorized"
+                        ),
                         "split": lambda: F.linear(F.linear(x, down), up, bias),
                         "reconstructed": lambda: F.linear(x, weight, bias),
                     }
@@ -85,11 +93,16 @@ def main(argv: list[str] | None = None) -> None:
                     best = min(med.values())
                     pick = program.choice_cached
                     worst.append(med[pick] / best)
-                    print(f"| {shape} | {rows} | {fmt} | {frac:g} | {program.split.rank} | {dense * 1e3:.3g} | "
-                          + " | ".join(f"{med[p] / dense:.3f}" for p in PATHS)
-                          + f" | {pick} | {med[pick] / best:.2f} |", flush=True)
-    print(f"\npick within 1.1x of the fastest path: {sum(w <= 1.1 for w in worst)}/{len(worst)}, "
-          f"worst {max(worst):.2f}x")
+                    print(
+                        f"| {shape} | {rows} | {fmt} | {frac:g} | {program.split.rank} | {dense * 1e3:.3g} | "
+                        + " | ".join(f"{med[p] / dense:.3f}" for p in PATHS)
+                        + f" | {pick} | {med[pick] / best:.2f} |",
+                        flush=True,
+                    )
+    print(
+        f"\npick within 1.1x of the fastest path: {sum(w <= 1.1 for w in worst)}/{len(worst)}, "
+        f"worst {max(worst):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -151,8 +151,11 @@ def main() -> None:
             where = f"{in_f}x{out_f} {fmt:6s} {frac:<4}"
             if args.rule == "broadcast-bmm":
                 where += f" {rows:>4} rows"
-            print(f"{where} {name:16s} old {old * 1e3:8.3f} ms new {new * 1e3:8.3f} ms "
-                  f"new/old {new / old:.3f}", flush=True)
+            print(
+                f"{where} {name:16s} old {old * 1e3:8.3f} ms new {new * 1e3:8.3f} ms "
+                f"new/old {new / old:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -88,8 +88,13 @@ def build_candidates(
             base = None
             for impl in IMPLS:
                 layer = tensorfold.FactorizedLinear(
-                    in_modes, out_modes, factorization=fmt, rank=frac, implementation=impl,
-                    device=device, dtype=dtype,
+                    in_modes,
+                    out_modes,
+                    factorization=fmt,
+                    rank=frac,
+                    implementation=impl,
+                    device=device,
+                    dtype=dtype,
                 )
                 if base is None:
                     base = layer
@@ -98,8 +103,10 @@ def build_candidates(
                 cands[f"{fmt}|{frac}|{impl}"] = layer
             if tltorch is not None and fmt in TLTORCH_NAME:
                 for impl in ("factorized", "reconstructed"):
-                    if fmt == "cp" and impl == "reconstructed" and (
-                        frac * in_f * out_f > 2e5 or in_f * out_f > 2**22
+                    if (
+                        fmt == "cp"
+                        and impl == "reconstructed"
+                        and (frac * in_f * out_f > 2e5 or in_f * out_f > 2**22)
                     ):
                         # Allocates a Khatri-Rao product of all modes (GBs, minutes): at
                         # 4096x4096 and 1% it asked for 7.3 GB and the OOM killer took the run.
@@ -108,19 +115,32 @@ def build_candidates(
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             t = tltorch.FactorizedLinear(
-                                in_modes, out_modes, factorization=TLTORCH_NAME[fmt], rank=frac,
-                                implementation=impl, device=device, dtype=dtype,
+                                in_modes,
+                                out_modes,
+                                factorization=TLTORCH_NAME[fmt],
+                                rank=frac,
+                                implementation=impl,
+                                device=device,
+                                dtype=dtype,
                             )
                         cands[f"{fmt}|{frac}|tltorch-{impl}"] = t
                     except Exception as exc:  # noqa: BLE001 - the reference fails on some shapes
-                        print(f"tltorch {fmt} {frac} {impl} {in_f}->{out_f}: {type(exc).__name__}: {exc}",
-                              file=sys.stderr)
+                        print(
+                            f"tltorch {fmt} {frac} {impl} {in_f}->{out_f}: {type(exc).__name__}: {exc}",
+                            file=sys.stderr,
+                        )
     return cands
 
 
 def time_cell(
-    cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, device: torch.device, slow_s: float,
-    flush: torch.Tensor | None = None, seed: int = 0, regimes: tuple[str, ...] = ("fwd", "train"),
+    cands: dict[str, nn.Module],
+    x: torch.Tensor,
+    repeats: int,
+    device: torch.device,
+    slow_s: float,
+    flush: torch.Tensor | None = None,
+    seed: int = 0,
+    regimes: tuple[str, ...] = ("fwd", "train"),
 ) -> dict[str, dict[str, float]]:
     """Interleaved medians (seconds) of inference forward and of forward+backward.
 
@@ -133,6 +153,7 @@ def time_cell(
         def run() -> None:
             with torch.no_grad():
                 m(x)
+
         return run
 
     def train(m: nn.Module) -> Callable[[], None]:
@@ -140,6 +161,7 @@ def time_cell(
             for p in m.parameters():
                 p.grad = None
             m(x).backward(grad)
+
         return run
 
     out: dict[str, dict[str, float]] = {}
@@ -237,12 +259,18 @@ def markdown(results: list[dict], meta: dict) -> str:
         "weight).",
         "",
     ]
-    for regime, title in (("fwd", "Inference forward (`torch.no_grad()`)"), ("train", "Training step (forward + backward)")):
+    for regime, title in (
+        ("fwd", "Inference forward (`torch.no_grad()`)"),
+        ("train", "Training step (forward + backward)"),
+    ):
         if not any(regime in row for row in results):
             continue
-        lines += [f"## {title}", "",
-                  "| shape | batch | format | frac | dense ms | fact | rec | auto | tlt | flops | pick |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| shape | batch | format | frac | dense ms | fact | rec | auto | tlt | flops | pick |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in results:
             r = row[regime]
             pick = row["pick_cached"] if regime == "fwd" else row["pick"]
@@ -265,8 +293,10 @@ def summary(results: list[dict]) -> list[str]:
     fwd_auto = [r["fwd"].get("auto") for r in results_fwd if r["fwd"].get("auto") is not None]
     if fwd_auto:
         worst = max(fwd_auto)
-        out.append(f"- inference 'auto' <= 1.1x dense in every cell: worst {worst:.2f}x "
-                   f"({sum(v <= 1.1 for v in fwd_auto)}/{len(fwd_auto)} cells)")
+        out.append(
+            f"- inference 'auto' <= 1.1x dense in every cell: worst {worst:.2f}x "
+            f"({sum(v <= 1.1 for v in fwd_auto)}/{len(fwd_auto)} cells)"
+        )
     choice_ok, n_choice = 0, 0
     worst_choice = 0.0
     for r in results_train:
@@ -277,20 +307,33 @@ def summary(results: list[dict]) -> list[str]:
             choice_ok += rel <= 1.1
             n_choice += 1
     if n_choice:
-        out.append(f"- training 'auto' within 1.1x of the better own path: {choice_ok}/{n_choice} cells, "
-                   f"worst {worst_choice:.2f}x")
-    bound = [(r, r["train"].get("auto")) for r in results_train if r["flop_ratio"] <= 0.5 and r["train"].get("auto")]
+        out.append(
+            f"- training 'auto' within 1.1x of the better own path: {choice_ok}/{n_choice} cells, "
+            f"worst {worst_choice:.2f}x"
+        )
+    bound = [
+        (r, r["train"].get("auto"))
+        for r in results_train
+        if r["flop_ratio"] <= 0.5 and r["train"].get("auto")
+    ]
     if bound:
         ok = sum(v <= 1.1 for _, v in bound)
-        out.append(f"- training 'auto' <= 1.1x dense where the factorized FLOP ratio <= 0.5: {ok}/{len(bound)} cells, "
-                   f"worst {max(v for _, v in bound):.2f}x")
+        out.append(
+            f"- training 'auto' <= 1.1x dense where the factorized FLOP ratio <= 0.5: {ok}/{len(bound)} cells, "
+            f"worst {max(v for _, v in bound):.2f}x"
+        )
     # The bound of the path 'auto' chose (issue 5): a cached weight's GEMM has none.
-    speed = [(r, r["fwd"].get("auto")) for r in results_fwd
-             if r["flop_ratio_pick_cached"] < 0.5 and r["fwd"].get("auto")]
+    speed = [
+        (r, r["fwd"].get("auto"))
+        for r in results_fwd
+        if r["flop_ratio_pick_cached"] < 0.5 and r["fwd"].get("auto")
+    ]
     if speed:
         ok = sum((1 / v) >= 0.5 * (1 / r["flop_ratio_pick_cached"]) for r, v in speed)
-        out.append(f"- realised inference speedup >= 50% of the chosen path's FLOP bound where the bound "
-                   f"exceeds 2x: {ok}/{len(speed)} cells")
+        out.append(
+            f"- realised inference speedup >= 50% of the chosen path's FLOP bound where the bound "
+            f"exceeds 2x: {ok}/{len(speed)} cells"
+        )
     rel = []
     for r in results:
         for regime in ("fwd", "train"):
@@ -301,8 +344,10 @@ def summary(results: list[dict]) -> list[str]:
                 rel.append(t / a)
     if rel:
         gm = math.exp(sum(map(math.log, rel)) / len(rel))
-        out.append(f"- vs tensorly-torch's faster implementation (fwd and train cells): geometric-mean speedup "
-                   f"{gm:.2f}x, slowest cell {min(rel):.2f}x ({sum(v >= 1 for v in rel)}/{len(rel)} cells not slower)")
+        out.append(
+            f"- vs tensorly-torch's faster implementation (fwd and train cells): geometric-mean speedup "
+            f"{gm:.2f}x, slowest cell {min(rel):.2f}x ({sum(v >= 1 for v in rel)}/{len(rel)} cells not slower)"
+        )
     return out + [""]
 
 
@@ -314,15 +359,20 @@ def plot(results: list[dict], path: Path) -> None:
 
     formats = sorted({r["format"] for r in results}, key=FORMATS.index)
     regime = "fwd" if any("fwd" in r for r in results) else "train"
-    fig, axes = plt.subplots(1, len(formats), figsize=(4 * len(formats), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(formats), figsize=(4 * len(formats), 3.6), squeeze=False, sharey=True
+    )
     styles = {"factorized": "o", "reconstructed": "s", "auto": "^", "tltorch": "x"}
-    for ax, fmt in zip(axes[0], formats):
+    for ax, fmt in zip(axes[0], formats, strict=False):
         rows = [r for r in results if r["format"] == fmt]
         for k, (impl, marker) in enumerate(styles.items()):
-            pts = [(r["fraction"] * (1 + 0.06 * (k - 1.5)), 1 / r[regime][impl])
-                   for r in rows if r.get(regime, {}).get(impl)]
+            pts = [
+                (r["fraction"] * (1 + 0.06 * (k - 1.5)), 1 / r[regime][impl])
+                for r in rows
+                if r.get(regime, {}).get(impl)
+            ]
             if pts:
-                ax.scatter(*zip(*pts), marker=marker, label=impl, alpha=0.7)
+                ax.scatter(*zip(*pts, strict=False), marker=marker, label=impl, alpha=0.7)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -342,11 +392,19 @@ def memory_table(shape, batch, fractions, formats, device, dtype) -> str:
     in_modes, out_modes = tensorfold.tensorized_shape(in_f, out_f, 3)
     x = torch.randn(*batch, in_f, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(*batch, out_f, device=device, dtype=dtype)
-    lines = [f"Training-step memory, {in_f}->{out_f}, batch {'x'.join(map(str, batch))}, {dtype}. "
-             "`saved`: bytes autograd keeps for backward beyond the parameters (the input included); "
-             "`lean`: the factorized path with `checkpointing=True` (saves the input, recomputes the chain)."
-             + (" `peak`: CUDA peak allocation of forward+backward above the resting state." if device.type == "cuda" else ""),
-             "", "| format | frac | path | saved KiB | peak KiB |", "|---|---|---|---|---|"]
+    lines = [
+        f"Training-step memory, {in_f}->{out_f}, batch {'x'.join(map(str, batch))}, {dtype}. "
+        "`saved`: bytes autograd keeps for backward beyond the parameters (the input included); "
+        "`lean`: the factorized path with `checkpointing=True` (saves the input, recomputes the chain)."
+        + (
+            " `peak`: CUDA peak allocation of forward+backward above the resting state."
+            if device.type == "cuda"
+            else ""
+        ),
+        "",
+        "| format | frac | path | saved KiB | peak KiB |",
+        "|---|---|---|---|---|",
+    ]
     dense = nn.Linear(in_f, out_f, device=device, dtype=dtype)
 
     def row(fmt, frac, name, m):
@@ -357,9 +415,21 @@ def memory_table(shape, batch, fractions, formats, device, dtype) -> str:
     row("dense", "", "nn.Linear", dense)
     for fmt in formats:
         for frac in fractions:
-            for impl, ckpt in (("factorized", False), ("factorized", True), ("reconstructed", False)):
-                m = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=frac,
-                                                implementation=impl, checkpointing=ckpt, device=device, dtype=dtype)
+            for impl, ckpt in (
+                ("factorized", False),
+                ("factorized", True),
+                ("reconstructed", False),
+            ):
+                m = tensorfold.FactorizedLinear(
+                    in_modes,
+                    out_modes,
+                    factorization=fmt,
+                    rank=frac,
+                    implementation=impl,
+                    checkpointing=ckpt,
+                    device=device,
+                    dtype=dtype,
+                )
                 row(fmt, frac, impl + (" lean" if ckpt else ""), m)
     return "\n".join(lines) + "\n"
 
@@ -378,22 +448,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid, 2 repeats (smoke test)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument(
+        "--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per cell (default 5)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats per cell (default 5)"
+    )
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--shapes", default=None, help="e.g. 1024x1024,768x3072 (in x out)")
-    ap.add_argument("--no-tltorch", action="store_true", help="skip tensorly-torch even if installed")
-    ap.add_argument("--slow-s", type=float, default=1.0, help="time candidates slower than this once only")
-    ap.add_argument("--flush-mb", type=float, default=64.0,
-                    help="write this many MB before every timed call to flush the caches (0: off)")
-    ap.add_argument("--regimes", default="fwd,train",
-                    help="fwd (inference), train (forward + backward) or both (default)")
+    ap.add_argument(
+        "--no-tltorch", action="store_true", help="skip tensorly-torch even if installed"
+    )
+    ap.add_argument(
+        "--slow-s", type=float, default=1.0, help="time candidates slower than this once only"
+    )
+    ap.add_argument(
+        "--flush-mb",
+        type=float,
+        default=64.0,
+        help="write this many MB before every timed call to flush the caches (0: off)",
+    )
+    ap.add_argument(
+        "--regimes",
+        default="fwd,train",
+        help="fwd (inference), train (forward + backward) or both (default)",
+    )
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -410,11 +499,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
 
     meta = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores".strip()
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "flush_mb": args.flush_mb,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "repeats": repeats,
+        "flush_mb": args.flush_mb,
     }
     flush = None
     if args.flush_mb > 0:
@@ -432,27 +526,43 @@ def main(argv: list[str] | None = None) -> int:
             for frac in fractions:
                 layer = cands[f"{fmt}|{frac}|auto"]
                 factors = layer.weight.layer_factors(())
-                program = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), rows,
-                                        device.type, factors[0].element_size())
+                program = layer_program(
+                    layer.weight.network,
+                    tuple(tuple(f.shape) for f in factors),
+                    rows,
+                    device.type,
+                    factors[0].element_size(),
+                )
                 row = {
-                    "shape": f"{in_f}x{out_f}", "batch": "x".join(map(str, batch)), "format": fmt,
-                    "fraction": frac, "params": layer.weight.num_parameters(),
+                    "shape": f"{in_f}x{out_f}",
+                    "batch": "x".join(map(str, batch)),
+                    "format": fmt,
+                    "fraction": frac,
+                    "params": layer.weight.num_parameters(),
                     "flop_ratio": program.forward.flops / (2 * rows * in_f * out_f),
-                    "flop_ratio_pick_cached": program.flops(program.choice_cached) / (2 * rows * in_f * out_f),
-                    "pick": program.choice, "pick_cached": program.choice_cached,
+                    "flop_ratio_pick_cached": program.flops(program.choice_cached)
+                    / (2 * rows * in_f * out_f),
+                    "pick": program.choice,
+                    "pick_cached": program.choice_cached,
                 }
                 for regime in regimes:
                     r: dict[str, float | None] = {"dense_ms": dense[regime] * 1e3}
                     for impl in IMPLS:
                         t = med.get(f"{fmt}|{frac}|{impl}", {}).get(regime)
                         r[impl] = t / dense[regime] if t else None
-                    tl = [med[k][regime] for k in med if k.startswith(f"{fmt}|{frac}|tltorch") and regime in med[k]]
+                    tl = [
+                        med[k][regime]
+                        for k in med
+                        if k.startswith(f"{fmt}|{frac}|tltorch") and regime in med[k]
+                    ]
                     r["tltorch"] = min(tl) / dense[regime] if tl else None
                     row[regime] = r
                 results.append(row)
         del cands
         # Written after every cell, so a run cut short keeps what it measured.
-        atomic_write(out_dir / "results.json", json.dumps({"meta": meta, "results": results}, indent=1))
+        atomic_write(
+            out_dir / "results.json", json.dumps({"meta": meta, "results": results}, indent=1)
+        )
         atomic_write(out_dir / "results.md", markdown(results, meta))
 
     atomic_write(out_dir / "results.json", json.dumps({"meta": meta, "results": results}, indent=1))
@@ -461,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out_dir / "ratio_vs_fraction.png")
     mem_shape = shapes[0]
     mem_batch = batches[-1]
-    atomic_write(out_dir / "memory.md", memory_table(mem_shape, mem_batch, fractions, formats, device, dtype))
+    atomic_write(
+        out_dir / "memory.md", memory_table(mem_shape, mem_batch, fractions, formats, device, dtype)
+    )
     print(md)
     print((out_dir / "memory.md").read_text())
     return 0

@@ -38,18 +38,47 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
 
         student = copy.deepcopy(teacher)
         data = None if kw["baseline"] == "svd" else cal_b
-        report = tensorize(student, budget=budget, factorization="tt", targets=demo.ENCODER_TARGETS,
-                           calibration=data, allocation="uniform", sequential=False, progress=False)
+        report = tensorize(
+            student,
+            budget=budget,
+            factorization="tt",
+            targets=demo.ENCODER_TARGETS,
+            calibration=data,
+            allocation="uniform",
+            sequential=False,
+            progress=False,
+        )
         fid = demo.fidelity(demo.embed(student, ev_b), ref)
-        return {"budget": budget, "format": f"baseline {kw['baseline']}", "kept": report.kept,
-                "seconds": time.perf_counter() - start, "layerwise": vars(fid), "final": vars(fid)}
-    r = demo.run_demo(budget=budget, factorization=fmt, n_calibration=n_cal, distill_steps=distill_steps,
-                      refine_steps=refine, progress=False, print_fn=lines.append, lr=kw["lr"],
-                      time_limit=kw["time_limit"] or None)
-    return {"budget": budget, "format": fmt, "kept": r["report"].kept, "seconds": r["seconds"],
-            "fit_seconds": r["fit_seconds"], "distill_steps": r["distill_steps_done"],
-            "layerwise": vars(r["before_distill"]), "final": vars(r["fidelity"]),
-            "formats_chosen": sorted({lp.factorization for lp in r["report"].layers})}
+        return {
+            "budget": budget,
+            "format": f"baseline {kw['baseline']}",
+            "kept": report.kept,
+            "seconds": time.perf_counter() - start,
+            "layerwise": vars(fid),
+            "final": vars(fid),
+        }
+    r = demo.run_demo(
+        budget=budget,
+        factorization=fmt,
+        n_calibration=n_cal,
+        distill_steps=distill_steps,
+        refine_steps=refine,
+        progress=False,
+        print_fn=lines.append,
+        lr=kw["lr"],
+        time_limit=kw["time_limit"] or None,
+    )
+    return {
+        "budget": budget,
+        "format": fmt,
+        "kept": r["report"].kept,
+        "seconds": r["seconds"],
+        "fit_seconds": r["fit_seconds"],
+        "distill_steps": r["distill_steps_done"],
+        "layerwise": vars(r["before_distill"]),
+        "final": vars(r["fidelity"]),
+        "formats_chosen": sorted({lp.factorization for lp in r["report"].layers}),
+    }
 
 
 def main() -> None:
@@ -58,25 +87,44 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["tt", "cp", "tucker", "ttm", "auto"])
     p.add_argument("--distill-steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--time-limit", type=float, default=570, help="seconds per run (0: none), as the demo")
+    p.add_argument(
+        "--time-limit", type=float, default=570, help="seconds per run (0: none), as the demo"
+    )
     p.add_argument("--calibration-sentences", type=int, default=2048)
     p.add_argument("--refine-steps", type=int, default=50)
     p.add_argument("--baselines", action="store_true")
-    p.add_argument("--out", default=None, help="results .json (a .md table and a .png plot beside it)")
+    p.add_argument(
+        "--out", default=None, help="results .json (a .md table and a .png plot beside it)"
+    )
     a = p.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     results = []
     for budget in a.budgets:
         runs = [("svd", None), ("activation-aware svd", None)] if a.baselines else []
         for name, _ in runs:
-            res = one(budget, "tt", 0, a.calibration_sentences, 0,
-                      baseline="svd" if name == "svd" else "aa")
+            res = one(
+                budget,
+                "tt",
+                0,
+                a.calibration_sentences,
+                0,
+                baseline="svd" if name == "svd" else "aa",
+            )
             results.append(res)
             print(json.dumps(res))
         for fmt in a.formats:
-            res = one(budget, fmt, a.distill_steps, a.calibration_sentences, a.refine_steps,
-                      lr=a.lr, time_limit=a.time_limit)
+            res = one(
+                budget,
+                fmt,
+                a.distill_steps,
+                a.calibration_sentences,
+                a.refine_steps,
+                lr=a.lr,
+                time_limit=a.time_limit,
+            )
             results.append(res)
             print(json.dumps(res), flush=True)
     table = markdown(results)
@@ -89,13 +137,24 @@ def main() -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| budget | format | kept | layer-wise mean cos | final mean cos | final min cos "
-             "| 10-NN | distill steps | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | format | kept | layer-wise mean cos | final mean cos | final min cos "
+        "| 10-NN | distill steps | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lw, fin = r["layerwise"], r["final"]
-        cells = [r["budget"], r["format"], f"{r['kept']:.3f}", f"{lw['mean_cosine']:.4f}",
-                 f"{fin['mean_cosine']:.4f}", f"{fin['min_cosine']:.4f}", f"{fin['knn_agreement']:.3f}",
-                 r.get("distill_steps", 0), f"{r['seconds']:.0f}"]
+        cells = [
+            r["budget"],
+            r["format"],
+            f"{r['kept']:.3f}",
+            f"{lw['mean_cosine']:.4f}",
+            f"{fin['mean_cosine']:.4f}",
+            f"{fin['min_cosine']:.4f}",
+            f"{fin['knn_agreement']:.3f}",
+            r.get("distill_steps", 0),
+            f"{r['seconds']:.0f}",
+        ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -112,8 +171,12 @@ def plot(results: list[dict], path: str) -> None:
     for ax, budget in zip(axes[0], budgets, strict=False):
         rows = [r for r in results if r["budget"] == budget]
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["layerwise"]["mean_cosine"] for r in rows], 0.4,
-               label="layer-wise fit")
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["layerwise"]["mean_cosine"] for r in rows],
+            0.4,
+            label="layer-wise fit",
+        )
         ax.bar([i + 0.2 for i in x], [r["final"]["mean_cosine"] for r in rows], 0.4, label="final")
         ax.set_xticks(list(x))
         ax.set_xticklabels([r["format"] for r in rows], rotation=30, fontsize=8)

@@ -43,8 +43,14 @@ def picks(model: torch.nn.Module, rows: int) -> Counter:
     count: Counter = Counter()
     for m in model.modules():
         if isinstance(m, FactorizedLinear):
-            count[choose_implementation(m.weight.layer_factors(()), m.weight.network,
-                                        batch_bucket(rows), reuse_weight=True)] += 1
+            count[
+                choose_implementation(
+                    m.weight.layer_factors(()),
+                    m.weight.network,
+                    batch_bucket(rows),
+                    reuse_weight=True,
+                )
+            ] += 1
     return count
 
 
@@ -68,8 +74,14 @@ def main() -> None:
     kept = {}
     for budget in tqdm(args.budgets, desc="converting", unit="budget"):
         student = copy.deepcopy(dense)
-        report = tensorize(student, budget=budget, factorization=args.factorization,
-                           targets=demo.ENCODER_TARGETS, calibration=cal_batches, progress=False)
+        report = tensorize(
+            student,
+            budget=budget,
+            factorization=args.factorization,
+            targets=demo.ENCODER_TARGETS,
+            calibration=cal_batches,
+            progress=False,
+        )
         models[f"{budget:g}"] = student.eval()
         kept[f"{budget:g}"] = report.kept
 
@@ -78,7 +90,7 @@ def main() -> None:
         # The middle of the length-sorted held-out set: typical sentences, not the extremes.
         batches = demo.batches_for(dense, held_out, bs)
         mid = len(batches) // 2
-        batches = batches[mid:mid + args.batches]
+        batches = batches[mid : mid + args.batches]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
         padded = sum(b["input_ids"].numel() for b in batches) / len(batches)
         times: dict[str, list[float]] = {name: [] for name in models}
@@ -109,8 +121,10 @@ def main() -> None:
     ]
     for bs, tokens, padded, name, k, t_dense, t_comp, count in rows_out:
         paths = ", ".join(f"{n} {p}" for p, n in sorted(count.items()))
-        lines.append(f"| {bs} | {tokens:.0f} ({padded:.0f}) | {name} | {k:.1%} | {t_dense * 1e3:.2f} | "
-                     f"{t_comp * 1e3:.2f} | {t_dense / t_comp:.2f}x | {paths} |")
+        lines.append(
+            f"| {bs} | {tokens:.0f} ({padded:.0f}) | {name} | {k:.1%} | {t_dense * 1e3:.2f} | "
+            f"{t_comp * 1e3:.2f} | {t_dense / t_comp:.2f}x | {paths} |"
+        )
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     atomic_write(out / "minilm_speed.md", text)

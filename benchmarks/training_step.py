@@ -52,15 +52,16 @@ def main() -> None:
             for rows in (32, 1024):
                 cands: dict[str, torch.nn.Module] = {"dense": torch.nn.Linear(1024, 1024)}
                 for impl in ("factorized", "reconstructed", "auto"):
-                    cands[impl] = tensorfold.FactorizedLinear(in_m, out_m, factorization=fmt,
-                                                              rank=frac, implementation=impl)
+                    cands[impl] = tensorfold.FactorizedLinear(
+                        in_m, out_m, factorization=fmt, rank=frac, implementation=impl
+                    )
                 if tltorch is not None and fmt == "ttm":
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         for impl in ("factorized", "reconstructed"):
                             cands[f"tlt-{impl}"] = tltorch.FactorizedLinear(
-                                in_m, out_m, factorization="blocktt", rank=frac,
-                                implementation=impl)
+                                in_m, out_m, factorization="blocktt", rank=frac, implementation=impl
+                            )
                 ratios = time_cell(cands, torch.randn(rows, 1024), a.repeats)
                 dense = ratios.pop("dense_ms")
                 cells = " ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k != "dense")

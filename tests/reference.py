@@ -49,9 +49,13 @@ def ttm_dense(layer_cores: list[Tensor], cores: list[Tensor]) -> Tensor:
     layer_shape = [c.shape[1] for c in layer_cores]
     outs = [c.shape[1] for c in cores]
     ins = [c.shape[2] for c in cores]
-    full = full.reshape(layer_shape + [d for pair in zip(outs, ins) for d in pair])
+    full = full.reshape(layer_shape + [d for pair in zip(outs, ins, strict=False) for d in pair])
     n = len(cores)
-    perm = list(range(n_layer)) + [n_layer + 2 * k for k in range(n)] + [n_layer + 2 * k + 1 for k in range(n)]
+    perm = (
+        list(range(n_layer))
+        + [n_layer + 2 * k for k in range(n)]
+        + [n_layer + 2 * k + 1 for k in range(n)]
+    )
     return full.permute(perm)
 
 

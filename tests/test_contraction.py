@@ -10,9 +10,9 @@ import torch
 
 import tensorfold
 from tensorfold import contraction, functional
+from tensorfold.contraction import batch_bucket, contraction_plan
 from tensorfold.formats import get_format
 from tensorfold.functional import layer_program, reconstruct_weight
-from tensorfold.contraction import batch_bucket, contraction_plan
 
 FORMATS = ["cp", "tucker", "tt", "ttm"]
 
@@ -58,7 +58,9 @@ def test_plan_is_cached_not_replanned(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(contraction.opt_einsum, "contract_path", counting)
     _clear_caches()
-    layer = tensorfold.FactorizedLinear((4, 4), (4, 2), factorization="tt", rank=0.5, implementation="auto")
+    layer = tensorfold.FactorizedLinear(
+        (4, 4), (4, 2), factorization="tt", rank=0.5, implementation="auto"
+    )
     layer(torch.randn(5, 16))  # bucket 8
     after_first = calls["n"]
     assert after_first > 0
@@ -73,7 +75,17 @@ def test_plan_is_cached_not_replanned(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batch_bucket() -> None:
-    assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [1, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+    assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [
+        1,
+        1,
+        2,
+        4,
+        4,
+        8,
+        1024,
+        1024,
+        2048,
+    ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -83,7 +95,9 @@ def test_batch_bucket() -> None:
 )
 def test_reconstruction_bounded_by_weight(fmt: str, in_modes, out_modes, rank) -> None:
     """No intermediate of the rebuild is larger than the weight (CP high rank: sliced)."""
-    layer = tensorfold.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=rank, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        in_modes, out_modes, factorization=fmt, rank=rank, dtype=torch.float64
+    )
     factors = layer.weight.layer_factors(())
     shapes = tuple(tuple(f.shape) for f in factors)
     numel = layer.in_features * layer.out_features
@@ -161,7 +175,9 @@ def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
     assert p.final_perm is None or p.final_perm[-1] == 5
     equation = layer.weight.network.weight_equation()
     model = contraction.cost_model("cpu")
-    _, flat_perm, _, _, flat_cost = contraction._compile(equation, shapes, list(p.path), model, 4, "")
+    _, flat_perm, _, _, flat_cost = contraction._compile(
+        equation, shapes, list(p.path), model, 4, ""
+    )
     assert flat_perm is not None and flat_perm[-1] != 5  # what the flat price chose
     assert p.cost_s < flat_cost  # the layout can only lower the rebuild's price
     w = reconstruct_weight(factors, layer.weight.network)
@@ -176,7 +192,9 @@ def test_broadcast_bmm_step_is_exact_and_differentiable() -> None:
     shapes = ((3, 4, 5, 16), (5, 6))
     p = contraction_plan(equation, shapes)
     assert [s.kind for s in p.steps] == ["bbmm"]
-    assert contraction_plan("Zdef,ej->Zdjf", ((3, 4, 5, 4), (5, 6))).steps[0].kind == "mm"  # short rows
+    assert (
+        contraction_plan("Zdef,ej->Zdjf", ((3, 4, 5, 4), (5, 6))).steps[0].kind == "mm"
+    )  # short rows
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 4, 5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     u = torch.randn(5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -186,14 +204,22 @@ def test_broadcast_bmm_step_is_exact_and_differentiable() -> None:
 
 def test_tucker_layer_with_broadcast_steps_matches_dense() -> None:
     layer = tensorfold.FactorizedLinear(
-        (8, 16, 16), (8, 16, 16), factorization="tucker", rank=0.05, implementation="factorized",
+        (8, 16, 16),
+        (8, 16, 16),
+        factorization="tucker",
+        rank=0.05,
+        implementation="factorized",
         dtype=torch.float64,
     )
     factors = layer.weight.layer_factors(())
-    program = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 32, "cpu", 8)
+    program = layer_program(
+        layer.weight.network, tuple(tuple(f.shape) for f in factors), 32, "cpu", 8
+    )
     assert any(s.kind == "bbmm" for s in program.forward.steps)
     x = torch.randn(32, layer.in_features, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), x @ layer.to_linear().weight.T + layer.bias, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        layer(x), x @ layer.to_linear().weight.T + layer.bias, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_size_one_labels_are_dropped_without_a_sum() -> None:
@@ -209,8 +235,12 @@ def test_size_one_labels_are_dropped_without_a_sum() -> None:
         (net.forward_equation(), [x, *factors]),
     ):
         plan = contraction_plan(equation, tuple(tuple(t.shape) for t in operands))
-        assert all(not op.presum for step in plan.steps for op in (step.a, step.b) if op is not None)
-        torch.testing.assert_close(plan(*operands), torch.einsum(equation, *operands), rtol=1e-12, atol=1e-12)
+        assert all(
+            not op.presum for step in plan.steps for op in (step.a, step.b) if op is not None
+        )
+        torch.testing.assert_close(
+            plan(*operands), torch.einsum(equation, *operands), rtol=1e-12, atol=1e-12
+        )
     # A label of size > 1 used by one operand only is still summed.
     plan = contraction_plan("abc,cd->ad", ((2, 3, 4), (4, 5)))
     a, d = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)

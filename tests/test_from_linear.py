@@ -16,8 +16,10 @@ def _low_rank_linear(in_f, out_f, rank, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(in_f, out_f, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_f, rank, generator=g, dtype=dtype)
-                            @ torch.randn(rank, in_f, generator=g, dtype=dtype))
+        linear.weight.copy_(
+            torch.randn(out_f, rank, generator=g, dtype=dtype)
+            @ torch.randn(rank, in_f, generator=g, dtype=dtype)
+        )
     return linear
 
 
@@ -29,8 +31,13 @@ FULL_RANK = {"tucker": (2, 5, 3, 4), "tt": (2, 10, 4), "ttm": (6,)}
 def test_full_rank_recovers_any_weight_exactly(fmt):
     torch.manual_seed(0)
     dense = nn.Linear(12, 10, dtype=torch.float64)
-    layer = FactorizedLinear.from_linear(dense, rank=FULL_RANK[fmt], factorization=fmt,
-                                         in_tensorized_features=(3, 4), out_tensorized_features=(2, 5))
+    layer = FactorizedLinear.from_linear(
+        dense,
+        rank=FULL_RANK[fmt],
+        factorization=fmt,
+        in_tensorized_features=(3, 4),
+        out_tensorized_features=(2, 5),
+    )
     assert layer.decomposition_error < 1e-10
     torch.testing.assert_close(layer.weight.to_matrix(), dense.weight.detach(), rtol=0, atol=1e-10)
     x = torch.randn(7, 12, dtype=torch.float64)
@@ -44,8 +51,13 @@ def test_cp_recovers_a_cp_representable_weight():
     dense = nn.Linear(12, 10, dtype=torch.float64)
     with torch.no_grad():
         dense.weight.copy_(weight)
-    layer = FactorizedLinear.from_linear(dense, rank=3, factorization="cp",
-                                         in_tensorized_features=(3, 4), out_tensorized_features=(2, 5))
+    layer = FactorizedLinear.from_linear(
+        dense,
+        rank=3,
+        factorization="cp",
+        in_tensorized_features=(3, 4),
+        out_tensorized_features=(2, 5),
+    )
     assert layer.decomposition_error < 1e-3
     assert torch.linalg.norm(layer.weight.to_matrix() - weight) / torch.linalg.norm(weight) < 1e-3
 
@@ -55,8 +67,13 @@ def test_matrix_rank_two_weight_is_exact_at_modest_rank(fmt):
     # A rank-2 matrix is TT-rank <= 2 across the out/in cut; Tucker and TTM need more room.
     dense = _low_rank_linear(16, 16, 2)
     rank = {"cp": 40, "tucker": (4, 4, 4, 4), "tt": (4, 2, 4), "ttm": (16,)}[fmt]
-    layer = FactorizedLinear.from_linear(dense, rank=rank, factorization=fmt,
-                                         in_tensorized_features=(4, 4), out_tensorized_features=(4, 4))
+    layer = FactorizedLinear.from_linear(
+        dense,
+        rank=rank,
+        factorization=fmt,
+        in_tensorized_features=(4, 4),
+        out_tensorized_features=(4, 4),
+    )
     tolerance = 1e-3 if fmt == "cp" else 1e-8
     assert layer.decomposition_error < tolerance
 
@@ -79,15 +96,22 @@ def test_linear_without_bias_gets_zero_bias_or_none():
     dense = nn.Linear(16, 8, bias=False)
     with_bias = FactorizedLinear.from_linear(dense, rank=0.5, factorization="tt")
     assert torch.equal(with_bias.bias, torch.zeros(8))
-    assert FactorizedLinear.from_linear(dense, rank=0.5, factorization="tt", bias=False).bias is None
+    assert (
+        FactorizedLinear.from_linear(dense, rank=0.5, factorization="tt", bias=False).bias is None
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_state_dict_round_trip_after_from_linear(fmt):
     dense = nn.Linear(24, 12)
     layer = FactorizedLinear.from_linear(dense, rank=0.4, factorization=fmt, n_tensorized_modes=2)
-    fresh = FactorizedLinear(layer.in_tensorized_features, layer.out_tensorized_features,
-                             factorization=fmt, rank=layer.rank, implementation=layer.implementation)
+    fresh = FactorizedLinear(
+        layer.in_tensorized_features,
+        layer.out_tensorized_features,
+        factorization=fmt,
+        rank=layer.rank,
+        implementation=layer.implementation,
+    )
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(5, 24)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
@@ -105,29 +129,50 @@ def test_from_linear_list_joint_and_single(fmt):
     for k, dense in enumerate(layers):
         torch.testing.assert_close(joint(x, k), dense(x), rtol=0, atol=tolerance * 10)
         torch.testing.assert_close(joint[k](x), dense(x), rtol=0, atol=tolerance * 10)
-    single = FactorizedLinear.from_linear_list(layers[:1], (3, 4), (2, 5), rank=0.9, factorization=fmt)
+    single = FactorizedLinear.from_linear_list(
+        layers[:1], (3, 4), (2, 5), rank=0.9, factorization=fmt
+    )
     assert single.layer_shape == () and single(x).shape == (4, 10)
 
 
 def test_from_linear_list_rejects_mismatched_layers():
-    with pytest.raises(ShapeError, match=r"linear_list\[1\] has weight shape \(10, 11\), but linear_list\[0\] has \(10, 12\)"):
-        FactorizedLinear.from_linear_list([nn.Linear(12, 10), nn.Linear(11, 10)], (3, 4), (2, 5), rank=0.5)
+    with pytest.raises(
+        ShapeError,
+        match=r"linear_list\[1\] has weight shape \(10, 11\), but linear_list\[0\] has \(10, 12\)",
+    ):
+        FactorizedLinear.from_linear_list(
+            [nn.Linear(12, 10), nn.Linear(11, 10)], (3, 4), (2, 5), rank=0.5
+        )
     with pytest.raises(ShapeError, match="linear_list is empty"):
         FactorizedLinear.from_linear_list([], (3, 4), (2, 5), rank=0.5)
 
 
 def test_tensorized_shapes_must_multiply_to_the_features():
-    with pytest.raises(ShapeError, match=r"in_tensorized_features=\(4, 4, 4\) multiply to 64, but the linear layer has in_features=60"):
-        FactorizedLinear.from_linear(nn.Linear(60, 8), in_tensorized_features=(4, 4, 4), out_tensorized_features=(2, 4))
-    with pytest.raises(ShapeError, match=r"out_tensorized_features=\(3, 3\) multiply to 9, but the linear layer has out_features=8"):
-        FactorizedLinear.from_linear(nn.Linear(60, 8), in_tensorized_features=(6, 10), out_tensorized_features=(3, 3))
+    with pytest.raises(
+        ShapeError,
+        match=r"in_tensorized_features=\(4, 4, 4\) multiply to 64, but the linear layer has in_features=60",
+    ):
+        FactorizedLinear.from_linear(
+            nn.Linear(60, 8), in_tensorized_features=(4, 4, 4), out_tensorized_features=(2, 4)
+        )
+    with pytest.raises(
+        ShapeError,
+        match=r"out_tensorized_features=\(3, 3\) multiply to 9, but the linear layer has out_features=8",
+    ):
+        FactorizedLinear.from_linear(
+            nn.Linear(60, 8), in_tensorized_features=(6, 10), out_tensorized_features=(3, 3)
+        )
     with pytest.raises(ShapeError, match="required when auto_tensorize=False"):
         FactorizedLinear.from_linear(nn.Linear(60, 8), auto_tensorize=False)
 
 
 def test_unknown_decomposition_option_is_named():
-    with pytest.raises(FactorizationError, match=r"decomposition_kwargs \['n_iter'\] are not accepted by 'cp'"):
-        FactorizedLinear.from_linear(nn.Linear(16, 16), rank=0.5, decomposition_kwargs={"n_iter": 3})
+    with pytest.raises(
+        FactorizationError, match=r"decomposition_kwargs \['n_iter'\] are not accepted by 'cp'"
+    ):
+        FactorizedLinear.from_linear(
+            nn.Linear(16, 16), rank=0.5, decomposition_kwargs={"n_iter": 3}
+        )
 
 
 def test_verbose_reports_error(capsys):

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import tensorfold
-from tensorfold.functional import _LeanFactorized, choose_implementation, factorized_linear, layer_program
+from tensorfold.functional import (
+    _LeanFactorized,
+    choose_implementation,
+    factorized_linear,
+    layer_program,
+)
 
 FORMATS = ["cp", "tucker", "tt", "ttm"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +31,15 @@ def _dense_reference(layer: tensorfold.FactorizedLinear, x: torch.Tensor, idx=0)
 @pytest.mark.parametrize("grad", [False, True])
 def test_paths_match_dense_float64(fmt: str, implementation: str, grad: bool) -> None:
     torch.manual_seed(0)
-    layer = tensorfold.FactorizedLinear((3, 4), (2, 5, 2), factorization=fmt, rank=0.7, n_layers=2,
-                                        implementation=implementation, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        (3, 4),
+        (2, 5, 2),
+        factorization=fmt,
+        rank=0.7,
+        n_layers=2,
+        implementation=implementation,
+        dtype=torch.float64,
+    )
     for shape in [(1, 12), (7, 12), (2, 3, 12), (12,)]:
         x = torch.randn(shape, dtype=torch.float64)
         for idx in (0, 1):
@@ -44,7 +56,9 @@ def test_empty_batch() -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lean_backward_matches_autograd(fmt: str) -> None:
     torch.manual_seed(0)
-    layer = tensorfold.FactorizedLinear((3, 4), (4, 2), factorization=fmt, rank=0.6, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        (3, 4), (4, 2), factorization=fmt, rank=0.6, dtype=torch.float64
+    )
     lean = copy.deepcopy(layer)
     lean.checkpointing = True
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
@@ -54,17 +68,20 @@ def test_lean_backward_matches_autograd(fmt: str) -> None:
     x.grad = None
     lean(x).backward(g)
     torch.testing.assert_close(x.grad, gx)
-    for a, b in zip(layer.parameters(), lean.parameters()):
+    for a, b in zip(layer.parameters(), lean.parameters(), strict=False):
         torch.testing.assert_close(a.grad, b.grad)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lean_function_gradcheck(fmt: str) -> None:
     torch.manual_seed(0)
-    layer = tensorfold.FactorizedLinear((2, 3), (3, 2), factorization=fmt, rank=0.8, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        (2, 3), (3, 2), factorization=fmt, rank=0.8, dtype=torch.float64
+    )
     factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.factors]
     prog = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 4)
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+
     def lean(x, *f):
         return _LeanFactorized.apply(prog.forward, False, x, *f)
 
@@ -86,11 +103,13 @@ def test_fused_bias_matches_dense_and_gradchecks(fmt: str, in_modes, out_modes) 
     ref = torch.nn.functional.linear(x.reshape(4, -1), layer.weight.to_matrix(), layer.bias)
     fused = prog.forward.with_bias(bias, x, *factors)
     torch.testing.assert_close(fused.reshape(4, -1), ref)
+
     def fused(x, b, *f):
         return prog.forward.with_bias(b, x, *f)
 
     assert torch.autograd.gradcheck(fused, (x, bias, *factors))
     if prog.forward.fuses_bias:
+
         def lean(x, b, *f):
             return _LeanFactorized.apply(prog.forward, True, x, *f, b)
 
@@ -109,7 +128,9 @@ def test_forward_plans_end_in_output_order() -> None:
 
 
 def test_lean_saves_only_the_input() -> None:
-    layer = tensorfold.FactorizedLinear((8, 8), (8, 8), factorization="tucker", rank=0.3, checkpointing=True)
+    layer = tensorfold.FactorizedLinear(
+        (8, 8), (8, 8), factorization="tucker", rank=0.3, checkpointing=True
+    )
     x = torch.randn(32, 64, requires_grad=True)
     saved = []
     params = {p.data_ptr() for p in layer.parameters()}
@@ -148,7 +169,9 @@ def test_auto_near_tie_goes_to_the_rebuild() -> None:
 
 def _cached_layer() -> tensorfold.FactorizedLinear:
     torch.manual_seed(0)
-    return tensorfold.FactorizedLinear((4, 4), (4, 4), factorization="tt", rank=0.5, implementation="reconstructed")
+    return tensorfold.FactorizedLinear(
+        (4, 4), (4, 4), factorization="tt", rank=0.5, implementation="reconstructed"
+    )
 
 
 def test_weight_cache_reused_in_inference() -> None:
@@ -222,7 +245,9 @@ def test_frozen_parameters_reuse_weight_with_grad_enabled() -> None:
 
 
 def test_functional_auto_equals_dense() -> None:
-    layer = tensorfold.FactorizedLinear((4, 4), (4, 4), factorization="cp", rank=2.0, dtype=torch.float64)
+    layer = tensorfold.FactorizedLinear(
+        (4, 4), (4, 4), factorization="cp", rank=2.0, dtype=torch.float64
+    )
     x = torch.randn(9, 16, dtype=torch.float64)
     f = layer.weight.layer_factors(())
     y = factorized_linear(x, f, layer.weight.network, layer.bias, "auto")
@@ -230,14 +255,30 @@ def test_functional_auto_equals_dense() -> None:
 
 
 def test_benchmark_quick_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_linear", ROOT / "benchmarks" / "bench_linear.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_linear", ROOT / "benchmarks" / "bench_linear.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        bench.main(["--quick", "--shapes", "16x16", "--formats", "tt,ttm", "--repeats", "1",
-                    "--no-tltorch", "--threads", "1", "--out", str(tmp_path)])
+        bench.main(
+            [
+                "--quick",
+                "--shapes",
+                "16x16",
+                "--formats",
+                "tt,ttm",
+                "--repeats",
+                "1",
+                "--no-tltorch",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     for name in ("results.md", "results.json", "ratio_vs_fraction.png", "memory.md"):
@@ -254,8 +295,22 @@ def test_inference_choice_audit_smoke(capsys: pytest.CaptureFixture[str]) -> Non
     spec.loader.exec_module(audit)
     threads = torch.get_num_threads()
     try:
-        audit.main(["--shapes", "16x16", "--rows", "4", "--formats", "tt,ttm", "--fractions", "0.5",
-                    "--repeats", "1", "--threads", "1"])
+        audit.main(
+            [
+                "--shapes",
+                "16x16",
+                "--rows",
+                "4",
+                "--formats",
+                "tt,ttm",
+                "--fractions",
+                "0.5",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

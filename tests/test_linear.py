@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from reference import dense_weight
 from torch import nn
 
 import tensorfold
 from tensorfold import FactorizedLinear
 from tensorfold.errors import LayerIndexError, ShapeError, TensorfoldError
-
-from reference import dense_weight
 
 FORMATS = ["cp", "tucker", "tt", "ttm"]
 IMPLEMENTATIONS = ["factorized", "reconstructed", "auto"]
@@ -33,8 +32,16 @@ def _indices(n_layers):
 def _make(fmt, shape=SHAPES[0], n_layers=1, rank=0.5, implementation="factorized", **kw):
     torch.manual_seed(0)
     in_modes, out_modes = shape
-    return FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=rank, n_layers=n_layers,
-                            implementation=implementation, dtype=torch.float64, **kw)
+    return FactorizedLinear(
+        in_modes,
+        out_modes,
+        factorization=fmt,
+        rank=rank,
+        n_layers=n_layers,
+        implementation=implementation,
+        dtype=torch.float64,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -44,7 +51,9 @@ def _make(fmt, shape=SHAPES[0], n_layers=1, rank=0.5, implementation="factorized
 def test_forward_matches_dense_reference(fmt, implementation, shape, n_layers):
     # A one-core TT-matrix is the dense matrix: it only accepts rank='same'.
     single_core = fmt == "ttm" and len(shape[0]) == 1 and n_layers == 1
-    layer = _make(fmt, shape, n_layers, implementation=implementation, rank="same" if single_core else 0.5)
+    layer = _make(
+        fmt, shape, n_layers, implementation=implementation, rank="same" if single_core else 0.5
+    )
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
     for idx in _indices(n_layers):
         w = dense_weight(layer, idx)
@@ -73,13 +82,13 @@ def test_gradcheck(fmt, implementation):
 
     def fn(x, *ps):
         with torch.no_grad():
-            for p, value in zip(params, ps):
+            for p, value in zip(params, ps, strict=False):
                 p.copy_(value)
         return layer(x, 1)
 
     # gradcheck perturbs its inputs; route them through the parameters via a functional call.
     def functional(x, *ps):
-        state = {name: p for (name, _), p in zip(layer.named_parameters(), ps)}
+        state = {name: p for (name, _), p in zip(layer.named_parameters(), ps, strict=False)}
         return torch.func.functional_call(layer, state, (x, 1))
 
     inputs = (x, *[p.detach().clone().requires_grad_(True) for p in params])
@@ -95,7 +104,7 @@ def test_checkpointing_gives_identical_gradients(fmt):
     x = torch.randn(5, 12, dtype=torch.float64)
     for layer in (plain, ckpt):
         layer(x, 1).square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=False):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
@@ -103,8 +112,14 @@ def test_checkpointing_gives_identical_gradients(fmt):
 @pytest.mark.parametrize("n_layers", N_LAYERS)
 def test_state_dict_round_trip_into_fresh_layer(fmt, n_layers):
     layer = _make(fmt, SHAPES[1], n_layers, rank=0.4)
-    fresh = FactorizedLinear(layer.in_tensorized_features, layer.out_tensorized_features, factorization=fmt,
-                             rank=layer.rank, n_layers=n_layers, dtype=torch.float64)
+    fresh = FactorizedLinear(
+        layer.in_tensorized_features,
+        layer.out_tensorized_features,
+        factorization=fmt,
+        rank=layer.rank,
+        n_layers=n_layers,
+        dtype=torch.float64,
+    )
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in layer.parameters()]
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(4, layer.in_features, dtype=torch.float64)
@@ -154,15 +169,18 @@ def test_torch_compile_matches_eager(fmt):
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_fractional_rank_meets_budget(fmt, features, fraction, n_layers):
     in_modes, out_modes = tensorfold.tensorized_shape(*features, 3)
-    layer = FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=fraction, n_layers=n_layers,
-                             device="meta")
+    layer = FactorizedLinear(
+        in_modes, out_modes, factorization=fmt, rank=fraction, n_layers=n_layers, device="meta"
+    )
     dense = n_layers * features[0] * features[1]
     assert 0.8 <= layer.weight.num_parameters() / (fraction * dense) <= 1.05
 
 
 def test_same_keeps_dense_parameter_count():
     for fmt in FORMATS:
-        layer = FactorizedLinear((16, 8, 8), (8, 8, 16), factorization=fmt, rank="same", device="meta")
+        layer = FactorizedLinear(
+            (16, 8, 8), (8, 8, 16), factorization=fmt, rank="same", device="meta"
+        )
         assert 0.8 <= layer.weight.num_parameters() / 1024**2 <= 1.05
 
 
@@ -180,7 +198,12 @@ def test_explicit_ranks_are_the_ranks():
     tucker = _make("tucker", rank=(2, 3, 1, 4))
     assert tucker.weight.factors[0].shape == (2, 3, 1, 4)
     tt = _make("tt", rank=(2, 5, 3))
-    assert [tuple(c.shape) for c in tt.weight.factors] == [(1, 2, 2), (2, 5, 5), (5, 3, 3), (3, 4, 1)]
+    assert [tuple(c.shape) for c in tt.weight.factors] == [
+        (1, 2, 2),
+        (2, 5, 5),
+        (5, 3, 3),
+        (3, 4, 1),
+    ]
     ttm = _make("ttm", rank=(3,))
     assert [tuple(c.shape) for c in ttm.weight.factors] == [(1, 2, 3, 3), (3, 5, 4, 1)]
 
@@ -191,7 +214,9 @@ def test_explicit_ranks_are_the_ranks():
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_init_matches_nn_linear_scale(fmt, rank, n_layers):
     torch.manual_seed(1)
-    layer = FactorizedLinear((8, 8), (4, 8), factorization=fmt, rank=rank, n_layers=n_layers, dtype=torch.float64)
+    layer = FactorizedLinear(
+        (8, 8), (4, 8), factorization=fmt, rank=rank, n_layers=n_layers, dtype=torch.float64
+    )
     target_var = 1.0 / (3 * 64)
     variances = []
     for _ in range(400):
@@ -212,8 +237,14 @@ def test_nn_linear_reference_scale():
 # ---- display --------------------------------------------------------------------------------
 def test_extra_repr_names_everything():
     text = repr(_make("tt", SHAPES[1], 3, rank=0.5, implementation="auto"))
-    for piece in ("factorization='tt'", "in_tensorized_features=(2, 3, 2)", "rank=(", "n_layers=3",
-                  "weight_parameters=", "implementation='auto'"):
+    for piece in (
+        "factorization='tt'",
+        "in_tensorized_features=(2, 3, 2)",
+        "rank=(",
+        "n_layers=3",
+        "weight_parameters=",
+        "implementation='auto'",
+    ):
         assert piece in text
 
 
@@ -230,20 +261,60 @@ def test_extra_repr_names_everything():
         ({"rank": None}, ValueError, r"rank=None of type NoneType"),
         ({"rank": True}, ValueError, r"rank=True must be"),
         ({"rank": (2, 2), "factorization": "cp"}, ValueError, r"CP takes a single int rank"),
-        ({"rank": (2, 2, 2), "factorization": "tucker"}, ValueError, r"Tucker needs one rank per mode, 4"),
-        ({"rank": (5, 2, 2, 2), "factorization": "tucker"}, ValueError, r"rank\[0\]=5 exceeds its mode size 2"),
-        ({"rank": (2, 2), "factorization": "tt"}, ValueError, r"tt over 4 cores needs 3 bond ranks"),
-        ({"rank": (2, 2, 2, 2, 2), "factorization": "tt"}, ValueError, r"boundary ranks of tt must be 1"),
+        (
+            {"rank": (2, 2, 2), "factorization": "tucker"},
+            ValueError,
+            r"Tucker needs one rank per mode, 4",
+        ),
+        (
+            {"rank": (5, 2, 2, 2), "factorization": "tucker"},
+            ValueError,
+            r"rank\[0\]=5 exceeds its mode size 2",
+        ),
+        (
+            {"rank": (2, 2), "factorization": "tt"},
+            ValueError,
+            r"tt over 4 cores needs 3 bond ranks",
+        ),
+        (
+            {"rank": (2, 2, 2, 2, 2), "factorization": "tt"},
+            ValueError,
+            r"boundary ranks of tt must be 1",
+        ),
         ({"rank": (99,), "factorization": "ttm"}, ValueError, r"exceeds its largest useful value"),
         ({"rank": (1.5,), "factorization": "ttm"}, ValueError, r"must hold only ints"),
-        ({"rank": 0.5, "factorization": "ttm", "in_tensorized_features": (12,), "out_tensorized_features": (10,)},
-         ValueError, r"cannot be met by 'ttm' with one out mode and one in mode: its single core is the dense weight \(120"),
-        ({"rank": 4, "factorization": "ttm", "in_tensorized_features": (12,), "out_tensorized_features": (10,)},
-         ValueError, r"rank=4 cannot be met by 'ttm'"),
+        (
+            {
+                "rank": 0.5,
+                "factorization": "ttm",
+                "in_tensorized_features": (12,),
+                "out_tensorized_features": (10,),
+            },
+            ValueError,
+            r"cannot be met by 'ttm' with one out mode and one in mode: its single core is the dense weight \(120",
+        ),
+        (
+            {
+                "rank": 4,
+                "factorization": "ttm",
+                "in_tensorized_features": (12,),
+                "out_tensorized_features": (10,),
+            },
+            ValueError,
+            r"rank=4 cannot be met by 'ttm'",
+        ),
         ({"n_layers": 0}, ValueError, r"n_layers=0 must be >= 1"),
         ({"n_layers": (2, 0)}, ValueError, r"n_layers=\(2, 0\) must hold positive ints"),
-        ({"in_tensorized_features": (3, 0)}, ValueError, r"in_tensorized_features=\(3, 0\) must hold positive ints"),
-        ({"out_tensorized_features": ()}, ValueError, r"out_tensorized_features=\(\) must be a non-empty tuple"),
+        (
+            {"in_tensorized_features": (3, 0)},
+            ValueError,
+            r"in_tensorized_features=\(3, 0\) must hold positive ints",
+        ),
+        (
+            {"out_tensorized_features": ()},
+            ValueError,
+            r"out_tensorized_features=\(\) must be a non-empty tuple",
+        ),
     ],
 )
 def test_bad_construction_raises_clear_error(kwargs, error, pattern):
@@ -254,14 +325,22 @@ def test_bad_construction_raises_clear_error(kwargs, error, pattern):
 
 
 def test_factorization_names_are_case_insensitive_with_aliases():
-    for name, canonical in [("CP", "cp"), ("Tucker", "tucker"), ("TT", "tt"), ("BlockTT", "ttm"),
-                            ("tt-matrix", "ttm"), ("MPO", "ttm")]:
+    for name, canonical in [
+        ("CP", "cp"),
+        ("Tucker", "tucker"),
+        ("TT", "tt"),
+        ("BlockTT", "ttm"),
+        ("tt-matrix", "ttm"),
+        ("MPO", "ttm"),
+    ]:
         assert FactorizedLinear((2, 2), (2, 2), factorization=name).factorization == canonical
 
 
 def test_input_width_mismatch_is_a_value_error():
     layer = _make("tt")
-    with pytest.raises(ShapeError, match=r"input has last dimension 11, but the layer has in_features=12"):
+    with pytest.raises(
+        ShapeError, match=r"input has last dimension 11, but the layer has in_features=12"
+    ):
         layer(torch.randn(3, 11, dtype=torch.float64))
 
 

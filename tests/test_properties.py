@@ -79,7 +79,11 @@ def valid_rank(draw, fmt: str, out_modes, in_modes, layer_shape):
     """Every rank form the format accepts: 'same', a fraction, an int, a tuple."""
     # A one-core TT-matrix is the dense weight: it refuses ints and budgets below it.
     single_core = fmt == "ttm" and len(_core_dims(fmt, out_modes, in_modes, layer_shape)) == 1
-    form = draw(st.sampled_from(["same", "float", "tuple"] if single_core else ["same", "float", "int", "tuple"]))
+    form = draw(
+        st.sampled_from(
+            ["same", "float", "tuple"] if single_core else ["same", "float", "int", "tuple"]
+        )
+    )
     if form == "same":
         return draw(st.sampled_from(["same", "SAME"]))
     if form == "float":

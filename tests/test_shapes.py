@@ -7,8 +7,16 @@ from tensorfold.errors import ShapeError
 from tensorfold.shapes import balanced_modes
 
 
-@pytest.mark.parametrize("n, order, expected", [(1024, 3, (16, 8, 8)), (4096, 3, (16, 16, 16)),
-                                                (768, 2, (32, 24)), (7, 3, (7, 1, 1)), (1, 2, (1, 1))])
+@pytest.mark.parametrize(
+    "n, order, expected",
+    [
+        (1024, 3, (16, 8, 8)),
+        (4096, 3, (16, 16, 16)),
+        (768, 2, (32, 24)),
+        (7, 3, (7, 1, 1)),
+        (1, 2, (1, 1)),
+    ],
+)
 def test_balanced_modes(n, order, expected):
     assert balanced_modes(n, order) == expected
 

@@ -6,21 +6,29 @@ import copy
 
 import pytest
 import torch
+from reference import dense_weight
 
 import tensorfold
 from tensorfold import FactorizationError
 from tensorfold.formats import get_format
 from tensorfold.functional import choose_implementation, layer_program, split_weight
 
-from reference import dense_weight
-
 SPLIT_FORMATS = ["cp", "tucker", "tt"]
 
 
-def _layer(fmt: str, rank, n_layers=1, dtype=torch.float64, device="cpu") -> tensorfold.FactorizedLinear:
+def _layer(
+    fmt: str, rank, n_layers=1, dtype=torch.float64, device="cpu"
+) -> tensorfold.FactorizedLinear:
     torch.manual_seed(0)
-    return tensorfold.FactorizedLinear((3, 4, 2), (2, 5), factorization=fmt, rank=rank,
-                                       n_layers=n_layers, dtype=dtype, device=device)
+    return tensorfold.FactorizedLinear(
+        (3, 4, 2),
+        (2, 5),
+        factorization=fmt,
+        rank=rank,
+        n_layers=n_layers,
+        dtype=dtype,
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("fmt", SPLIT_FORMATS)
@@ -55,7 +63,10 @@ def test_full_rank_split_recovers_a_dense_weight_exactly() -> None:
     torch.manual_seed(1)
     dense = torch.nn.Linear(24, 10, dtype=torch.float64)
     layer = tensorfold.FactorizedLinear.from_linear(
-        dense, rank=(2, 10, 8, 2), factorization="tt", in_tensorized_features=(3, 4, 2),
+        dense,
+        rank=(2, 10, 8, 2),
+        factorization="tt",
+        in_tensorized_features=(3, 4, 2),
         out_tensorized_features=(2, 5),
     )
     down, up = split_weight(layer.weight.layer_factors(()), layer.weight.network)
@@ -67,9 +78,12 @@ def test_split_refused_for_tt_matrix() -> None:
     layer = _layer("ttm", 0.5)
     with pytest.raises(FactorizationError, match="both input and output modes"):
         split_weight(layer.weight.layer_factors(()), layer.weight.network)
-    assert layer.weight.network.narrowest_cut(
-        tuple(tuple(f.shape) for f in layer.weight.layer_factors(()))
-    ) is None
+    assert (
+        layer.weight.network.narrowest_cut(
+            tuple(tuple(f.shape) for f in layer.weight.layer_factors(()))
+        )
+        is None
+    )
 
 
 def test_cut_sides_partition_the_factors() -> None:
@@ -83,8 +97,9 @@ def test_cut_sides_partition_the_factors() -> None:
 
 def _tt_inference_layer(dtype=torch.float32) -> tensorfold.FactorizedLinear:
     torch.manual_seed(0)
-    return tensorfold.FactorizedLinear((8, 8, 16), (8, 8, 16), factorization="tt", rank=0.01,
-                                       implementation="auto", dtype=dtype)
+    return tensorfold.FactorizedLinear(
+        (8, 8, 16), (8, 8, 16), factorization="tt", rank=0.01, implementation="auto", dtype=dtype
+    )
 
 
 def test_auto_inference_picks_the_split_and_matches_dense() -> None:
@@ -101,7 +116,9 @@ def test_auto_inference_picks_the_split_and_matches_dense() -> None:
     with torch.no_grad():
         layer.weight.factors[0].mul_(2.0)
     y_train = layer(x)
-    torch.testing.assert_close(y_train, torch.nn.functional.linear(x, dense_weight(layer), layer.bias))
+    torch.testing.assert_close(
+        y_train, torch.nn.functional.linear(x, dense_weight(layer), layer.bias)
+    )
     with torch.no_grad():  # the in-place update above invalidated the cached pair
         torch.testing.assert_close(layer(x), y_train.detach())
 
@@ -132,10 +149,15 @@ def test_cached_choice_prefers_the_split_where_measured_faster() -> None:
     """benchmarks/ab_inference_choice.py (RESULTS.md): Tucker 1% at 1024x1024 and 32 rows
     ran 2.2x faster split than as its 8-kernel chain, which the hot model priced equal;
     CP 1% at 4096x4096 ran 0.85x dense split; Tucker 10% at 1024x1024 stays a chain."""
+
     def pick(fmt, frac, modes, rows):
-        layer = tensorfold.FactorizedLinear(modes, modes, factorization=fmt, rank=frac, device="meta")
+        layer = tensorfold.FactorizedLinear(
+            modes, modes, factorization=fmt, rank=frac, device="meta"
+        )
         f = layer.weight.layer_factors(())
-        return layer_program(layer.weight.network, tuple(tuple(t.shape) for t in f), rows).choice_cached
+        return layer_program(
+            layer.weight.network, tuple(tuple(t.shape) for t in f), rows
+        ).choice_cached
 
     assert pick("tucker", 0.01, (8, 8, 16), 32) == "split"
     assert pick("cp", 0.01, (16, 16, 16), 1024) == "split"

@@ -75,8 +75,8 @@ class Network:
     def sizes(self, shapes: tuple[tuple[int, ...], ...]) -> dict[str, int]:
         """Map each label to its size, read off the factor shapes."""
         sizes: dict[str, int] = {}
-        for sub, shape in zip(self.subscripts, shapes):
-            for label, size in zip(sub, shape):
+        for sub, shape in zip(self.subscripts, shapes, strict=False):
+            for label, size in zip(sub, shape, strict=False):
                 sizes[label] = size
         return sizes
 
@@ -158,7 +158,9 @@ class CostModel:
             eff *= d / (d + self.small_dim)
         return eff
 
-    def kernel(self, flops: float, read: float, written: float, dims: tuple[int, ...] = ()) -> float:
+    def kernel(
+        self, flops: float, read: float, written: float, dims: tuple[int, ...] = ()
+    ) -> float:
         compute = flops / (self.flop_rate * self.efficiency(*dims)) if flops else 0.0
         memory = read / self.read_rate + written / self.write_rate
         return max(compute, memory) + self.launch_s
@@ -189,11 +191,18 @@ _LINE_COPY_SCALE = 0.1  # a copy of whole cache lines, relative to a gather of s
 # ~15 GB/s reads, ~4 GB/s into freshly allocated memory, ~5 us per ATen call from Python,
 # ~20 us more with cold caches (two F.linear calls, 32 rows: 24 us hot, 70 us after a 64 MB write).
 _CPU = CostModel(
-    flop_rate=1.0e11, read_rate=1.5e10, write_rate=4.0e9, launch_s=5e-6, small_dim=12.0, cold_call_s=2e-5
+    flop_rate=1.0e11,
+    read_rate=1.5e10,
+    write_rate=4.0e9,
+    launch_s=5e-6,
+    small_dim=12.0,
+    cold_call_s=2e-5,
 )
 # One H100, bf16: tensor-core GEMM, HBM; each compiled step (permute, reshape, mm, view) costs
 # ~50 us of host-side dispatch there (measured: the factorized chains ran ~8x a 60 us dense call).
-_CUDA = CostModel(flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=5e-5, small_dim=64.0)
+_CUDA = CostModel(
+    flop_rate=4.0e14, read_rate=2.5e12, write_rate=2.5e12, launch_s=5e-5, small_dim=64.0
+)
 
 
 def cost_model(device_type: str) -> CostModel:
@@ -332,8 +341,10 @@ def _compile_step(
     lead_free = "".join(c for c in lead if c not in other_set and c in lead_used)
     other_free = "".join(c for c in other if c not in lead_set and c in other_used)
     if out_order:
+
         def rank(c: str) -> int:
             return out_order.index(c) if c in out_order else len(out_order)
+
         lead_free = "".join(sorted(lead_free, key=rank))
         other_free = "".join(sorted(other_free, key=rank))
     lead_kept = "".join(c for c in lead if c in lead_used)
@@ -350,8 +361,12 @@ def _compile_step(
         flops = nb * nf * ng
     else:
         kind = "bmm" if batch else "mm"
-        lead_groups, t_lead = _orient(lead_kept, [[batch, lead_free, contr], [batch, contr, lead_free]])
-        other_groups, t_other = _orient(other_kept, [[batch, contr, other_free], [batch, other_free, contr]])
+        lead_groups, t_lead = _orient(
+            lead_kept, [[batch, lead_free, contr], [batch, contr, lead_free]]
+        )
+        other_groups, t_other = _orient(
+            other_kept, [[batch, contr, other_free], [batch, other_free, contr]]
+        )
         flops = 2 * nb * nf * nc * ng
     if kind == "mm":
         lead_groups, other_groups = lead_groups[1:], other_groups[1:]
@@ -359,19 +374,33 @@ def _compile_step(
             split = _broadcast_split(lead_kept, contr, other_free, sizes, dynamic)
             if split is not None:
                 return _broadcast_step(
-                    (lead, lead_slot, lead_used), (other, other_slot, other_used, other_kept, other_free),
-                    split, sizes, dynamic, float(flops),
+                    (lead, lead_slot, lead_used),
+                    (other, other_slot, other_used, other_kept, other_free),
+                    split,
+                    sizes,
+                    dynamic,
+                    float(flops),
                 )
     lead_op, lead_numel, _ = _prepare(lead, lead_groups, sizes, dynamic, lead_slot, lead_used)
     other_op, other_numel, _ = _prepare(other, other_groups, sizes, dynamic, other_slot, other_used)
-    lead_op = _Operand(lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape, t_lead, lead_op.copies)
-    other_op = _Operand(other_op.slot, other_op.presum, other_op.perm, other_op.shape, t_other, other_op.copies)
+    lead_op = _Operand(
+        lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape, t_lead, lead_op.copies
+    )
+    other_op = _Operand(
+        other_op.slot, other_op.presum, other_op.perm, other_op.shape, t_other, other_op.copies
+    )
     if kind == "mul":
         # (nb, nf, 1) * (nb, 1, ng): broadcasting outer product per batch entry.
-        lead_op = _Operand(lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape + (1,), False, lead_op.copies)
+        lead_op = _Operand(
+            lead_op.slot, lead_op.presum, lead_op.perm, lead_op.shape + (1,), False, lead_op.copies
+        )
         other_op = _Operand(
-            other_op.slot, other_op.presum, other_op.perm, other_op.shape[:1] + (1,) + other_op.shape[1:],
-            False, other_op.copies,
+            other_op.slot,
+            other_op.presum,
+            other_op.perm,
+            other_op.shape[:1] + (1,) + other_op.shape[1:],
+            False,
+            other_op.copies,
         )
     result = batch + lead_free + other_free
     out_numel = nb * nf * ng
@@ -428,8 +457,12 @@ def _broadcast_step(
     p, c, s = split
     lead_op, lead_numel, _ = _prepare(lead_labels, [p, c, s], sizes, dynamic, lead_slot, lead_used)
     groups, transpose = _orient(other_kept, [[other_free, c], [c, other_free]])
-    other_op, other_numel, _ = _prepare(other_labels, groups, sizes, dynamic, other_slot, other_used)
-    other_op = _Operand(other_op.slot, other_op.presum, other_op.perm, other_op.shape, transpose, other_op.copies)
+    other_op, other_numel, _ = _prepare(
+        other_labels, groups, sizes, dynamic, other_slot, other_used
+    )
+    other_op = _Operand(
+        other_op.slot, other_op.presum, other_op.perm, other_op.shape, transpose, other_op.copies
+    )
     result = p + other_free + s
     n_p, n_c, n_s, n_g = (math.prod(sizes[x] for x in g) for g in (p, c, s, other_free))
     step = _Step("bbmm", other_op, lead_op, _shape_of(result, sizes, dynamic), ())
@@ -472,8 +505,11 @@ class ContractionPlan:
     def fuses_bias(self) -> bool:
         """Whether :meth:`with_bias` adds the bias inside the last GEMM (``addmm``)."""
         return (
-            self.slices is None and not self.unary and self.final_perm is None
-            and bool(self.steps) and self.steps[-1].rows_are_batch
+            self.slices is None
+            and not self.unary
+            and self.final_perm is None
+            and bool(self.steps)
+            and self.steps[-1].rows_are_batch
         )
 
     def with_bias(self, bias: Tensor, *operands: Tensor) -> Tensor:
@@ -531,7 +567,9 @@ class ContractionPlan:
         total: Tensor | None = None
         for start in range(0, size, chunk):
             width = min(chunk, size - start)
-            part = self._run([op if ax < 0 else op.narrow(ax, start, width) for op, ax in zip(operands, axes)])
+            part = self._run(
+                [op if ax < 0 else op.narrow(ax, start, width) for op, ax in zip(operands, axes, strict=False)]
+            )
             total = part if total is None else total + part
         assert total is not None
         return total
@@ -570,8 +608,12 @@ _TALL_ROWS = 256  # shorter reductions are cheap either way; the Function's over
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
-    if (b.requires_grad and a.shape[0] >= _TALL_ROWS and a.device.type == "cpu"
-            and torch.is_grad_enabled()):
+    if (
+        b.requires_grad
+        and a.shape[0] >= _TALL_ROWS
+        and a.device.type == "cpu"
+        and torch.is_grad_enabled()
+    ):
         k, n = b.shape
         autograd_transposes = b.stride(0) == 1 and b.stride(1) != 1
         if autograd_transposes == (n >= k):  # autograd would pick the slow orientation
@@ -605,8 +647,8 @@ def _compile(
     lhs, _, output = equation.partition("->")
     inputs = lhs.split(",")
     sizes: dict[str, int] = {}
-    for sub, shape in zip(inputs, shapes):
-        sizes.update(zip(sub, shape))
+    for sub, shape in zip(inputs, shapes, strict=False):
+        sizes.update(zip(sub, shape, strict=False))
     out_bytes = math.prod(sizes[c] for c in output) * itemsize
 
     def final_copy(labels: str) -> float:
@@ -623,16 +665,27 @@ def _compile(
     for n_step, positions in enumerate(path):
         picked = [live.pop(p) for p in sorted(positions, reverse=True)]
         if len(picked) == 1:  # a reduction of labels no other operand uses
-            (labels, slot), = picked
+            ((labels, slot),) = picked
             keep_after = set(output).union(*(set(s) for s, _ in live))
             dropped = _unit_labels(labels, keep_after, sizes, dynamic)
-            presum = tuple(i for i, c in enumerate(labels) if c not in keep_after and c not in dropped)
+            presum = tuple(
+                i for i, c in enumerate(labels) if c not in keep_after and c not in dropped
+            )
             result = "".join(c for c in labels if c in keep_after)
             numel = math.prod(sizes[c] for c in labels)
-            steps.append(_Step("sum", _Operand(slot, presum, None, _shape_of(result, sizes, dynamic), False, False),
-                               None, _shape_of(result, sizes, dynamic), ()))
+            steps.append(
+                _Step(
+                    "sum",
+                    _Operand(slot, presum, None, _shape_of(result, sizes, dynamic), False, False),
+                    None,
+                    _shape_of(result, sizes, dynamic),
+                    (),
+                )
+            )
             if presum:  # otherwise the step is a reshape (a view): no kernel
-                cost += model.kernel(numel, numel * itemsize, math.prod(sizes[c] for c in result) * itemsize)
+                cost += model.kernel(
+                    numel, numel * itemsize, math.prod(sizes[c] for c in result) * itemsize
+                )
             live.append((result, next_slot))
             next_slot += 1
             continue
@@ -693,14 +746,18 @@ _STRATEGIES = ("flops", "size", "combo-8", "combo-64", "combo-512")
 _DP_MAX_OPERANDS = 9
 
 
-def _candidate_paths(equation: str, shapes: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, ...]]]:
+def _candidate_paths(
+    equation: str, shapes: tuple[tuple[int, ...], ...]
+) -> list[list[tuple[int, ...]]]:
     """A few opt_einsum orders: fewest FLOPs, smallest intermediates and mixes."""
     found: list[list[tuple[int, ...]]] = []
     strategies: list[object] = []
     if len(shapes) <= 5:
         strategies.append("optimal")
     if len(shapes) <= _DP_MAX_OPERANDS:
-        strategies += [opt_einsum.DynamicProgramming(minimize=m, search_outer=True) for m in _STRATEGIES]
+        strategies += [
+            opt_einsum.DynamicProgramming(minimize=m, search_outer=True) for m in _STRATEGIES
+        ]
     else:
         # DP is exponential in the operand count: 5+5-mode CP with layer modes took minutes
         # (one DP search alone ~6 s at 14 operands). Bounded searches stay in milliseconds.
@@ -728,7 +785,9 @@ def _plan(
     dynamic = BATCH_LABEL if BATCH_LABEL in equation.partition("->")[0] else ""
     best = None
     for path in _candidate_paths(equation, shapes):
-        steps, final_perm, flops, largest, cost = _compile(equation, shapes, path, model, itemsize, dynamic)
+        steps, final_perm, flops, largest, cost = _compile(
+            equation, shapes, path, model, itemsize, dynamic
+        )
         fits = memory_limit is None or largest <= memory_limit
         key = (not fits, cost if fits else largest)
         if best is None or key < best[0]:
@@ -759,8 +818,8 @@ def _sliced_plan(
     lhs, _, output = equation.partition("->")
     inputs = lhs.split(",")
     sizes: dict[str, int] = {}
-    for sub, shape in zip(inputs, shapes):
-        sizes.update(zip(sub, shape))
+    for sub, shape in zip(inputs, shapes, strict=False):
+        sizes.update(zip(sub, shape, strict=False))
     summed = [c for c in sizes if c not in output and sizes[c] > 1]
     if not summed:
         return None
@@ -772,7 +831,7 @@ def _sliced_plan(
     while chunk > 1:
         chunk = (chunk + 1) // 2
         sub_shapes = tuple(
-            tuple(chunk if k == ax else d for k, d in enumerate(s)) for s, ax in zip(shapes, axes)
+            tuple(chunk if k == ax else d for k, d in enumerate(s)) for s, ax in zip(shapes, axes, strict=False)
         )
         # The chunk's size is dynamic at run time (the last chunk may be smaller).
         model = cost_model(device_type)
@@ -783,9 +842,16 @@ def _sliced_plan(
             if largest <= memory_limit:
                 n_chunks = -(-size // chunk)
                 return ContractionPlan(
-                    equation, tuple(path), flops * n_chunks, max(largest, out_numel),
-                    cost * n_chunks + (n_chunks - 1) * model.kernel(out_numel, 2 * out_numel * itemsize, out_numel * itemsize),
-                    steps, final_perm, slices=(label, axes, size, chunk),
+                    equation,
+                    tuple(path),
+                    flops * n_chunks,
+                    max(largest, out_numel),
+                    cost * n_chunks
+                    + (n_chunks - 1)
+                    * model.kernel(out_numel, 2 * out_numel * itemsize, out_numel * itemsize),
+                    steps,
+                    final_perm,
+                    slices=(label, axes, size, chunk),
                 )
     return None
 
@@ -822,13 +888,17 @@ def contraction_plan(
     shapes = tuple(tuple(int(d) for d in s) for s in shapes)
     if len(shapes) == 1:
         lhs, _, out = equation.partition("->")
-        sizes = dict(zip(lhs, shapes[0]))
+        sizes = dict(zip(lhs, shapes[0], strict=False))
         out_numel = math.prod(sizes[c] for c in out)
         return ContractionPlan(
             equation, (), math.prod(shapes[0]), out_numel, 0.0, (), None, unary=True
         )
     plan = _plan(equation, shapes, memory_limit, device_type, itemsize)
-    if memory_limit is not None and plan.largest_intermediate > memory_limit and BATCH_LABEL not in equation:
+    if (
+        memory_limit is not None
+        and plan.largest_intermediate > memory_limit
+        and BATCH_LABEL not in equation
+    ):
         sliced = _sliced_plan(equation, shapes, memory_limit, device_type, itemsize)
         if sliced is not None:
             return sliced

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from .errors import FactorizationError, ImplementationError, ShapeError
 from .contraction import ContractionPlan, Network, batch_bucket, contraction_plan, cost_model
+from .errors import FactorizationError, ImplementationError, ShapeError
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -112,7 +112,9 @@ class LayerProgram:
         return 2 * self.rows * self.in_features * self.out_features
 
 
-def _mode_sizes(network: Network, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int]]:
+def _mode_sizes(
+    network: Network, shapes: tuple[tuple[int, ...], ...]
+) -> tuple[list[int], list[int]]:
     sizes = network.sizes(shapes)
     return [sizes[c] for c in network.out_labels], [sizes[c] for c in network.in_labels]
 
@@ -167,7 +169,9 @@ def _split_program(
 
     def side(positions: tuple[int, ...], output: str, numel: int) -> ContractionPlan:
         equation = ",".join(network.subscripts[k] for k in positions) + "->" + output
-        return contraction_plan(equation, tuple(shapes[k] for k in positions), numel, device_type, itemsize)
+        return contraction_plan(
+            equation, tuple(shapes[k] for k in positions), numel, device_type, itemsize
+        )
 
     down = side(down_factors, labels + network.in_labels, rank * math.prod(in_modes))
     up = side(up_factors, network.out_labels + labels, rank * math.prod(out_modes))
@@ -199,7 +203,9 @@ def layer_program(
     split = _split_program(network, shapes, device_type, itemsize)
     t_split = math.inf
     if split is not None:
-        t_split = model.gemm(bucket, n_in, split.rank, itemsize) + model.gemm(bucket, split.rank, n_out, itemsize)
+        t_split = model.gemm(bucket, n_in, split.rank, itemsize) + model.gemm(
+            bucket, split.rank, n_out, itemsize
+        )
     # With cached operands (inference): the cheaper thin path, if clearly cheaper than the
     # dense GEMM. Priced with cold caches, as a layer between other layers runs: then every
     # kernel call costs more, and a chain of many kernels pays most (Tucker 1%, 1024x1024,
@@ -214,8 +220,19 @@ def layer_program(
     else:
         choice_cached = "factorized" if cold_fact * _CACHED_MARGIN <= cold_gemm else "reconstructed"
     return LayerProgram(
-        n_in, n_out, bucket, tuple(in_modes), forward, rebuild, split,
-        t_fact, t_rebuild, t_gemm, t_split, choice, choice_cached,
+        n_in,
+        n_out,
+        bucket,
+        tuple(in_modes),
+        forward,
+        rebuild,
+        split,
+        t_fact,
+        t_rebuild,
+        t_gemm,
+        t_split,
+        choice,
+        choice_cached,
     )
 
 

@@ -23,7 +23,7 @@ def embedded_stack(seed: int = 0) -> nn.Sequential:
     """Linear layers 256 -> 512 -> 256 with spectra ``s_k ~ k^-0.8`` (trained-like)."""
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(WIDTHS[:-1], WIDTHS[1:]):
+    for fan_in, fan_out in zip(WIDTHS[:-1], WIDTHS[1:], strict=False):
         k = min(fan_in, fan_out)
         u, _ = torch.linalg.qr(torch.randn(fan_out, k, generator=g))
         v, _ = torch.linalg.qr(torch.randn(fan_in, k, generator=g))
@@ -49,11 +49,16 @@ def _median_time(fn, x: torch.Tensor, repeats: int = 15) -> float:
 
 def compress(stack: nn.Sequential, factorization: str, rank: float) -> nn.Sequential:
     """A copy of ``stack`` with every Linear replaced by ``FactorizedLinear.from_linear``."""
-    return nn.Sequential(*[
-        FactorizedLinear.from_linear(m, rank=rank, factorization=factorization, implementation="auto")
-        if isinstance(m, nn.Linear) else m
-        for m in stack
-    ])
+    return nn.Sequential(
+        *[
+            FactorizedLinear.from_linear(
+                m, rank=rank, factorization=factorization, implementation="auto"
+            )
+            if isinstance(m, nn.Linear)
+            else m
+            for m in stack
+        ]
+    )
 
 
 def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
@@ -65,9 +70,13 @@ def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
         reference = stack(x)
     dense_params = sum(m.weight.numel() for m in stack if isinstance(m, nn.Linear))
     dense_time = _median_time(stack, x)
-    print(f"Embedded stack {' -> '.join(map(str, WIDTHS))}: {dense_params:,} weight parameters, "
-          f"rank={rank} (fraction kept), {rows} rows")
-    print(f"{'format':<8} {'params kept':>12} {'weight err':>11} {'output err':>11} {'decompose s':>12} {'time vs dense':>14}")
+    print(
+        f"Embedded stack {' -> '.join(map(str, WIDTHS))}: {dense_params:,} weight parameters, "
+        f"rank={rank} (fraction kept), {rows} rows"
+    )
+    print(
+        f"{'format':<8} {'params kept':>12} {'weight err':>11} {'output err':>11} {'decompose s':>12} {'time vs dense':>14}"
+    )
     rows_out = []
     for fmt in FORMATS:
         start = time.perf_counter()
@@ -77,11 +86,23 @@ def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
         kept = sum(m.weight.num_parameters() for m in layers) / dense_params
         weight_err = statistics.mean(m.decomposition_error for m in layers)
         with torch.no_grad():
-            out_err = (torch.linalg.norm(small(x) - reference) / torch.linalg.norm(reference)).item()
+            out_err = (
+                torch.linalg.norm(small(x) - reference) / torch.linalg.norm(reference)
+            ).item()
         ratio = _median_time(small, x) / dense_time
-        rows_out.append({"format": fmt, "kept": kept, "weight_error": weight_err, "output_error": out_err,
-                         "seconds": seconds, "time_ratio": ratio})
-        print(f"{fmt:<8} {kept:>12.1%} {weight_err:>11.3f} {out_err:>11.3f} {seconds:>12.2f} {ratio:>13.2f}x")
+        rows_out.append(
+            {
+                "format": fmt,
+                "kept": kept,
+                "weight_error": weight_err,
+                "output_error": out_err,
+                "seconds": seconds,
+                "time_ratio": ratio,
+            }
+        )
+        print(
+            f"{fmt:<8} {kept:>12.1%} {weight_err:>11.3f} {out_err:>11.3f} {seconds:>12.2f} {ratio:>13.2f}x"
+        )
     return rows_out
 
 

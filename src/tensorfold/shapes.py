@@ -60,7 +60,7 @@ def balanced_modes(n: int, order: int) -> tuple[int, ...]:
             if d > cap:
                 break
             # Non-increasing order: the remaining slots must hold rest // d with modes <= d.
-            if d ** slots < rest:
+            if d**slots < rest:
                 continue
             search(rest // d, slots - 1, d, chosen + (d,), cost + (math.log(d) - target) ** 2)
 

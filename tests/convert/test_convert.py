@@ -48,7 +48,9 @@ def tiny(seed: int = 0) -> Tiny:
 
 def calib(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(16, 16, generator=g) * torch.logspace(0, -2, 16)  # correlated, low effective rank
+    mix = torch.randn(16, 16, generator=g) * torch.logspace(
+        0, -2, 16
+    )  # correlated, low effective rank
     return [torch.randn(32, 16, generator=g) @ mix for _ in range(n)]
 
 
@@ -81,10 +83,18 @@ def test_plan_changes_nothing_and_prints_a_table() -> None:
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_budget_met_within_two_percent(factorization: str, budget: float) -> None:
     m = tiny()
-    report = tensorize(m, budget=budget, factorization=factorization, calibration=calib(2),
-                       refine_steps=5, progress=False)
+    report = tensorize(
+        m,
+        budget=budget,
+        factorization=factorization,
+        calibration=calib(2),
+        refine_steps=5,
+        progress=False,
+    )
     assert abs(report.kept - budget) <= 0.02 * budget
-    after = sum(mod.weight.num_parameters() for mod in m.modules() if isinstance(mod, FactorizedLinear))
+    after = sum(
+        mod.weight.num_parameters() for mod in m.modules() if isinstance(mod, FactorizedLinear)
+    )
     assert after == report.params_after
     assert not linear_names(m)  # every nn.Linear replaced
     assert m(calib(1)[0]).isfinite().all()
@@ -93,7 +103,12 @@ def test_budget_met_within_two_percent(factorization: str, budget: float) -> Non
 def test_targets_and_exclude_are_globs_on_full_names() -> None:
     m = tiny()
     p = plan(m, budget=0.5, targets="blocks.*")
-    assert [lp.name for lp in p.layers] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    assert [lp.name for lp in p.layers] == [
+        "blocks.0.up",
+        "blocks.0.down",
+        "blocks.1.up",
+        "blocks.1.down",
+    ]
     p = plan(m, budget=0.5, targets=["blocks.*", "inp"], exclude="*.down")
     assert [lp.name for lp in p.layers] == ["inp", "blocks.0.up", "blocks.1.up"]
     tensorize(m, budget=0.5, targets="blocks.1.*", progress=False)
@@ -176,7 +191,10 @@ def test_unused_layers_are_converted_without_data() -> None:
         ({"budget": 0.0}, r"budget=0\.0 must be a float in \(0, 1\]"),
         ({"budget": 1.5}, r"budget=1\.5 must be a float in \(0, 1\]"),
         ({"budget": "half"}, r"budget='half'"),
-        ({"factorization": "svd"}, r"factorization='svd' is not known.*'cp', 'tucker', 'tt', 'ttm'"),
+        (
+            {"factorization": "svd"},
+            r"factorization='svd' is not known.*'cp', 'tucker', 'tt', 'ttm'",
+        ),
         ({"targets": "nothing.*"}, r"no nn\.Linear module matches targets='nothing\.\*'"),
         ({"calibration": torch.randn(4, 16)}, r"calibration must be an iterable of model inputs"),
         ({"calibration": []}, r"calibration is empty"),
@@ -203,7 +221,9 @@ def test_distill_lowers_the_loss() -> None:
     teacher = tiny()
     student = copy.deepcopy(teacher)
     tensorize(student, budget=0.3, calibration=calib(2), progress=False)
-    losses = tensorfold.convert.distill(student, teacher, calib(4), steps=40, lr=3e-3, progress=False)
+    losses = tensorfold.convert.distill(
+        student, teacher, calib(4), steps=40, lr=3e-3, progress=False
+    )
     assert len(losses) == 40
     assert sum(losses[-4:]) < sum(losses[:4])
     with pytest.raises(ConversionError, match="steps=-1 must be an int >= 0"):
@@ -217,8 +237,16 @@ def test_distill_matches_intermediate_features_and_trains_norms() -> None:
     norm_before = student.blocks[0].norm.weight.detach().clone()
     x = calib(1, seed=5)[0]
     err0 = float((student(x) - teacher(x)).norm() / teacher(x).norm())
-    losses = tensorfold.convert.distill(student, teacher, calib(4), steps=60, lr=3e-3, progress=False,
-                                        features="blocks.*[0-9]", parameters="factorized+norms")
+    losses = tensorfold.convert.distill(
+        student,
+        teacher,
+        calib(4),
+        steps=60,
+        lr=3e-3,
+        progress=False,
+        features="blocks.*[0-9]",
+        parameters="factorized+norms",
+    )
     assert len(losses) == 60 and sum(losses[-4:]) < sum(losses[:4])
     assert not torch.equal(student.blocks[0].norm.weight, norm_before)  # norms are trained too
     err1 = float((student(x) - teacher(x)).norm() / teacher(x).norm())
@@ -239,8 +267,18 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
         calls.append(0)
         handle = teacher.register_forward_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
         try:
-            runs.append(tensorfold.convert.distill(s, teacher, calib(3), steps=12, lr=1e-3, progress=False,
-                                                   features="blocks.*[0-9]", cache_teacher=cache))
+            runs.append(
+                tensorfold.convert.distill(
+                    s,
+                    teacher,
+                    calib(3),
+                    steps=12,
+                    lr=1e-3,
+                    progress=False,
+                    features="blocks.*[0-9]",
+                    cache_teacher=cache,
+                )
+            )
         finally:
             handle.remove()
     assert runs[0] == runs[1]  # bit-identical losses
@@ -251,8 +289,9 @@ def test_distill_time_limit_ends_the_run_early() -> None:
     teacher = tiny()
     student = copy.deepcopy(teacher)
     tensorize(student, budget=0.3, calibration=calib(2), progress=False)
-    losses = tensorfold.convert.distill(student, teacher, calib(2), steps=100000, lr=1e-3,
-                                        progress=False, max_seconds=0.5)
+    losses = tensorfold.convert.distill(
+        student, teacher, calib(2), steps=100000, lr=1e-3, progress=False, max_seconds=0.5
+    )
     assert 0 < len(losses) < 100000
 
 

@@ -17,11 +17,15 @@ from .test_convert import Tiny, calib, linear_names, same_state, state, tiny
 @pytest.fixture()
 def converted() -> Tiny:
     m = tiny()
-    tensorize(m, budget=0.5, factorization="auto", calibration=calib(2), refine_steps=5, progress=False)
+    tensorize(
+        m, budget=0.5, factorization="auto", calibration=calib(2), refine_steps=5, progress=False
+    )
     return m
 
 
-def test_round_trip_into_a_fresh_model_gives_identical_outputs(converted: Tiny, tmp_path: Path) -> None:
+def test_round_trip_into_a_fresh_model_gives_identical_outputs(
+    converted: Tiny, tmp_path: Path
+) -> None:
     path = save(converted, tmp_path / "m.safetensors")
     fresh = tiny(seed=123)  # same architecture, different weights
     load(path, fresh)
@@ -31,12 +35,16 @@ def test_round_trip_into_a_fresh_model_gives_identical_outputs(converted: Tiny, 
         if isinstance(mod, FactorizedLinear):
             other = fresh.get_submodule(name)
             assert (other.factorization, other.rank, other.in_tensorized_features) == (
-                mod.factorization, mod.rank, mod.in_tensorized_features)
+                mod.factorization,
+                mod.rank,
+                mod.in_tensorized_features,
+            )
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
 
 
-def test_save_replaces_atomically_and_cleans_up_on_failure(converted: Tiny, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_replaces_atomically_and_cleans_up_on_failure(
+    converted: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = save(converted, tmp_path / "m.safetensors")
     good = path.read_bytes()
     import safetensors.torch
@@ -52,7 +60,9 @@ def test_save_replaces_atomically_and_cleans_up_on_failure(converted: Tiny, tmp_
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
-def test_truncated_file_is_a_clear_error_and_leaves_the_model_untouched(converted: Tiny, tmp_path: Path) -> None:
+def test_truncated_file_is_a_clear_error_and_leaves_the_model_untouched(
+    converted: Tiny, tmp_path: Path
+) -> None:
     path = save(converted, tmp_path / "m.safetensors")
     data = path.read_bytes()
     for cut in (len(data) // 2, 20, 3):
@@ -68,12 +78,16 @@ def test_mismatched_model_is_a_clear_error(converted: Tiny, tmp_path: Path) -> N
     path = save(converted, tmp_path / "m.safetensors")
     other = Tiny(d=32)
     before = state(other)
-    with pytest.raises(ConversionError, match=r"records 'inp' as 16 -> 24, but the model's module is 16 -> 32"):
+    with pytest.raises(
+        ConversionError, match=r"records 'inp' as 16 -> 24, but the model's module is 16 -> 32"
+    ):
         load(path, other)
     assert same_state(other, before)
     bigger = Tiny(n=3)
     before = state(bigger)
-    with pytest.raises(ConversionError, match=r"does not match the model: missing keys \['blocks\.2"):
+    with pytest.raises(
+        ConversionError, match=r"does not match the model: missing keys \['blocks\.2"
+    ):
         load(path, bigger)
     assert same_state(bigger, before)
 

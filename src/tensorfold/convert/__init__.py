@@ -4,5 +4,14 @@ from .core import ConversionPlan, ConversionReport, LayerPlan, plan, revert, ten
 from .distill import distill
 from .io import load, save
 
-__all__ = ["plan", "tensorize", "revert", "distill", "save", "load",
-           "ConversionPlan", "ConversionReport", "LayerPlan"]
+__all__ = [
+    "plan",
+    "tensorize",
+    "revert",
+    "distill",
+    "save",
+    "load",
+    "ConversionPlan",
+    "ConversionReport",
+    "LayerPlan",
+]

@@ -96,7 +96,9 @@ def match_modules(
         if isinstance(value, str):
             return [value]
         if not all(isinstance(v, str) for v in value):
-            raise ConversionError(f"{name}={value!r} must be a glob string or a list of glob strings")
+            raise ConversionError(
+                f"{name}={value!r} must be a glob string or a list of glob strings"
+            )
         return list(value)
 
     tgt = patterns(targets, "targets")

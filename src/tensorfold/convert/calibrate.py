@@ -169,7 +169,10 @@ class _TooLarge(Exception):
 
 @torch.no_grad()
 def record_inputs(
-    model: nn.Module, names: Sequence[str], batches: Sequence[Any], forward: ForwardFn = call_model,
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    forward: ForwardFn = call_model,
     limit_bytes: int = 4 << 30,
 ) -> dict[str, list[Tensor | None]] | None:
     """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass

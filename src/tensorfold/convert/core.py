@@ -64,9 +64,9 @@ class LayerPlan:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))
     out = [line, "-" * len(line)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     return "\n".join(out)
 
 
@@ -93,19 +93,41 @@ class ConversionPlan:
 
     def rows(self) -> list[list[str]]:
         return [
-            [lp.name, lp.factorization, f"{lp.out_modes}x{lp.in_modes}", str(lp.rank),
-             f"{lp.params_before:,}", f"{lp.params_after:,}", f"{lp.share:.3f}",
-             "" if math.isnan(lp.error) else f"{lp.error:.4f}"]
+            [
+                lp.name,
+                lp.factorization,
+                f"{lp.out_modes}x{lp.in_modes}",
+                str(lp.rank),
+                f"{lp.params_before:,}",
+                f"{lp.params_after:,}",
+                f"{lp.share:.3f}",
+                "" if math.isnan(lp.error) else f"{lp.error:.4f}",
+            ]
             for lp in self.layers
         ]
 
     def __str__(self) -> str:
-        head = (f"tensorfold plan: {len(self.layers)} linear layers, factorization={self.factorization!r}, "
-                f"budget={self.budget}, data-aware={self.data_aware}")
-        body = _table(self.rows(), ["module", "format", "modes (out x in)", "rank", "params before",
-                                    "params after", "kept", "calib. error"])
-        foot = (f"linear parameters: {self.params_before:,} -> {self.params_after:,} "
-                f"({100 * self.kept:.1f}% kept)")
+        head = (
+            f"tensorfold plan: {len(self.layers)} linear layers, factorization={self.factorization!r}, "
+            f"budget={self.budget}, data-aware={self.data_aware}"
+        )
+        body = _table(
+            self.rows(),
+            [
+                "module",
+                "format",
+                "modes (out x in)",
+                "rank",
+                "params before",
+                "params after",
+                "kept",
+                "calib. error",
+            ],
+        )
+        foot = (
+            f"linear parameters: {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * self.kept:.1f}% kept)"
+        )
         return "\n".join([head, body, foot])
 
 
@@ -125,9 +147,15 @@ class ConversionReport(ConversionPlan):
 def _check_budget(budget: object) -> float | None:
     if budget is None:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < float(budget) <= 1:
-        raise ConversionError(f"budget={budget!r} must be a float in (0, 1]: the fraction of the matched "
-                              "linear parameters to keep")
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not 0 < float(budget) <= 1
+    ):
+        raise ConversionError(
+            f"budget={budget!r} must be a float in (0, 1]: the fraction of the matched "
+            "linear parameters to keep"
+        )
     return float(budget)
 
 
@@ -139,15 +167,23 @@ def _check_factorization(factorization: object) -> str:
     try:
         return get_format(factorization).name
     except TensorfoldError as exc:
-        raise ConversionError(f"factorization={factorization!r} is not known: {exc}; "
-                              f"use one of {FORMATS} or 'auto'") from exc
+        raise ConversionError(
+            f"factorization={factorization!r} is not known: {exc}; use one of {FORMATS} or 'auto'"
+        ) from exc
 
 
-def _modes_for(fmt: str, in_f: int, out_f: int, n_modes: int | dict[str, int] | None) -> tuple[
-        tuple[int, ...], tuple[int, ...]]:
-    order = n_modes.get(fmt, DEFAULT_MODES[fmt]) if isinstance(n_modes, dict) else (n_modes or DEFAULT_MODES[fmt])
+def _modes_for(
+    fmt: str, in_f: int, out_f: int, n_modes: int | dict[str, int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    order = (
+        n_modes.get(fmt, DEFAULT_MODES[fmt])
+        if isinstance(n_modes, dict)
+        else (n_modes or DEFAULT_MODES[fmt])
+    )
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ConversionError(f"n_tensorized_modes={n_modes!r} must be a positive int (or a dict format -> int)")
+        raise ConversionError(
+            f"n_tensorized_modes={n_modes!r} must be a positive int (or a dict format -> int)"
+        )
     return tensorized_shape(in_f, out_f, order)
 
 
@@ -157,15 +193,30 @@ def _layer_plan(name: str, linear: nn.Linear, fmt: str, share: float, n_modes: A
     dense = linear.in_features * linear.out_features
     rank = cls.resolve_rank(float(min(share, 1.0)), out_modes, in_modes)
     after = cls.count_parameters(rank, out_modes, in_modes)
-    return LayerPlan(name, linear.in_features, linear.out_features, fmt, in_modes, out_modes, rank,
-                     dense, after, linear.bias is not None)
+    return LayerPlan(
+        name,
+        linear.in_features,
+        linear.out_features,
+        fmt,
+        in_modes,
+        out_modes,
+        rank,
+        dense,
+        after,
+        linear.bias is not None,
+    )
 
 
 # ---- rank allocation -----------------------------------------------------------------------
 @torch.no_grad()
 def _sensitivities(
-    model: nn.Module, names: Sequence[str], problems: dict[str, WhitenedProblem], share: float,
-    batches: Sequence[Any], forward: ForwardFn, output_fn: Callable[[Any], Tensor],
+    model: nn.Module,
+    names: Sequence[str],
+    problems: dict[str, WhitenedProblem],
+    share: float,
+    batches: Sequence[Any],
+    forward: ForwardFn,
+    output_fn: Callable[[Any], Tensor],
     tick: Callable[[], None],
 ) -> dict[str, float]:
     """End-to-end output distortion when only one layer is replaced by its optimal whitened
@@ -175,12 +226,15 @@ def _sensitivities(
     for name in names:
         lin = model.get_submodule(name)
         p = problems[name]
-        k = max(1, int(share * lin.in_features * lin.out_features / (lin.in_features + lin.out_features)))
+        k = max(
+            1,
+            int(share * lin.in_features * lin.out_features / (lin.in_features + lin.out_features)),
+        )
         delta = (p.low_rank(k) - p.weight).to(lin.weight.dtype)
         handle = lin.register_forward_hook(lambda m, a, y, d=delta: y + F.linear(a[0], d))
         try:
             num = den = 0.0
-            for b, ref in zip(batches, refs):
+            for b, ref in zip(batches, refs, strict=False):
                 y = output_fn(forward(model, b)).float()
                 num += float((y - ref).square().sum())
                 den += float(ref.square().sum())
@@ -194,7 +248,9 @@ def _sensitivities(
 
 
 def _allocate(
-    linears: dict[str, nn.Linear], problems: dict[str, WhitenedProblem], weights: dict[str, float],
+    linears: dict[str, nn.Linear],
+    problems: dict[str, WhitenedProblem],
+    weights: dict[str, float],
     budget: float,
 ) -> dict[str, float]:
     """Shares per layer from the whitened spectra: rank-one terms are kept greedily by
@@ -220,19 +276,30 @@ def _allocate(
             break
         spent += cost
         ranks[name] += 1
-    return {n: ranks[n] * (lin.in_features + lin.out_features) / (lin.in_features * lin.out_features)
-            for n, lin in linears.items()}
+    return {
+        n: ranks[n] * (lin.in_features + lin.out_features) / (lin.in_features * lin.out_features)
+        for n, lin in linears.items()
+    }
 
 
-def _fit_budget(layers: list[LayerPlan], shares: dict[str, float], linears: dict[str, nn.Linear],
-                budget: float, n_modes: Any) -> list[LayerPlan]:
+def _fit_budget(
+    layers: list[LayerPlan],
+    shares: dict[str, float],
+    linears: dict[str, nn.Linear],
+    budget: float,
+    n_modes: Any,
+) -> list[LayerPlan]:
     """Resolve each layer's rank from its share, then rescale shares until the total lands
     within 2% of the budget (formats resolve ranks in coarse steps)."""
     target = budget * sum(lp.params_before for lp in layers)
     scale = 1.0
     for _ in range(8):
-        layers = [_layer_plan(lp.name, linears[lp.name], lp.factorization, shares[lp.name] * scale, n_modes)
-                  for lp in layers]
+        layers = [
+            _layer_plan(
+                lp.name, linears[lp.name], lp.factorization, shares[lp.name] * scale, n_modes
+            )
+            for lp in layers
+        ]
         total = sum(lp.params_after for lp in layers)
         if abs(total - target) <= 0.015 * target:
             break
@@ -246,7 +313,9 @@ def _fit_budget(layers: list[LayerPlan], shares: dict[str, float], linears: dict
         best = None
         for i, lp in enumerate(layers):
             for factor in (1.03, 1.1, 1.25, 1 / 1.03, 1 / 1.1, 1 / 1.25):
-                cand = _layer_plan(lp.name, linears[lp.name], lp.factorization, lp.share * factor, n_modes)
+                cand = _layer_plan(
+                    lp.name, linears[lp.name], lp.factorization, lp.share * factor, n_modes
+                )
                 gap = abs(total - lp.params_after + cand.params_after - target)
                 if cand.params_after != lp.params_after and (best is None or gap < best[0]):
                     best = (gap, i, cand)
@@ -312,7 +381,9 @@ def plan(
     if allocation not in ("global", "uniform"):
         raise ConversionError(f"allocation={allocation!r} must be 'global' or 'uniform'")
     if budget is None and rank is None:
-        raise ConversionError("give budget= (a fraction of the linear parameters) or rank= (per layer)")
+        raise ConversionError(
+            "give budget= (a fraction of the linear parameters) or rank= (per layer)"
+        )
     names = match_modules(model, targets, exclude)
     if not names:
         raise ConversionError(
@@ -322,8 +393,10 @@ def plan(
     linears = {n: model.get_submodule(n) for n in names}
     for n, lin in linears.items():
         if lin.weight.dim() != 2 or not lin.weight.is_floating_point():
-            raise ConversionError(f"module {n!r} has a weight of shape {tuple(lin.weight.shape)} and dtype "
-                                  f"{lin.weight.dtype}: only floating-point nn.Linear can be converted")
+            raise ConversionError(
+                f"module {n!r} has a weight of shape {tuple(lin.weight.shape)} and dtype "
+                f"{lin.weight.dtype}: only floating-point nn.Linear can be converted"
+            )
     batches = as_batches(calibration)
     formats = list(FORMATS) if fmt == "auto" else [fmt]
     base_fmt = formats[0] if fmt != "auto" else "tt"
@@ -333,12 +406,25 @@ def plan(
     if budget is None:
         layers = []
         for n, lin in linears.items():
-            in_modes, out_modes = _modes_for(base_fmt, lin.in_features, lin.out_features, n_tensorized_modes)
+            in_modes, out_modes = _modes_for(
+                base_fmt, lin.in_features, lin.out_features, n_tensorized_modes
+            )
             cls = get_format(base_fmt)
             r = cls.resolve_rank(rank, out_modes, in_modes)
-            layers.append(LayerPlan(n, lin.in_features, lin.out_features, base_fmt, in_modes, out_modes, r,
-                                    lin.in_features * lin.out_features,
-                                    cls.count_parameters(r, out_modes, in_modes), lin.bias is not None))
+            layers.append(
+                LayerPlan(
+                    n,
+                    lin.in_features,
+                    lin.out_features,
+                    base_fmt,
+                    in_modes,
+                    out_modes,
+                    r,
+                    lin.in_features * lin.out_features,
+                    cls.count_parameters(r, out_modes, in_modes),
+                    lin.bias is not None,
+                )
+            )
         return ConversionPlan(layers, None, fmt, batches is not None)
 
     stats = _stats
@@ -346,7 +432,9 @@ def plan(
         bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
         stats = record_stats(model, names, batches, forward, on_batch=bar.update)
         bar.close()
-    problems = {n: whitened_problem(linears[n].weight, stats.get(n) if stats else None) for n in names}
+    problems = {
+        n: whitened_problem(linears[n].weight, stats.get(n) if stats else None) for n in names
+    }
     if allocation == "uniform":
         shares = dict.fromkeys(names, budget)
         sens = dict.fromkeys(names, float("nan"))
@@ -354,7 +442,9 @@ def plan(
         if batches is not None:
             probe = batches[: max(1, min(len(batches), 2))]
             bar = tqdm(total=len(names), desc="sensitivity", disable=not progress, leave=False)
-            sens = _sensitivities(model, names, problems, budget, probe, forward, output_fn, bar.update)
+            sens = _sensitivities(
+                model, names, problems, budget, probe, forward, output_fn, bar.update
+            )
             bar.close()
         else:
             sens = dict.fromkeys(names, 1.0)
@@ -364,15 +454,23 @@ def plan(
     for lp in layers:
         lp.sensitivity = sens[lp.name]
     if fmt == "auto":
-        bar = tqdm(total=len(names) * len(formats), desc="choosing formats", disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(names) * len(formats),
+            desc="choosing formats",
+            disable=not progress,
+            leave=False,
+        )
         chosen = []
         for lp in layers:
             best: LayerPlan | None = None
             for f in formats:
                 cand = _layer_plan(lp.name, linears[lp.name], f, lp.share, n_tensorized_modes)
-                layer = FactorizedLinear(cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank)
-                cand.error = fit_weight(layer.weight, problems[lp.name], refine_steps=0,
-                                        data_aware=batches is not None)
+                layer = FactorizedLinear(
+                    cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank
+                )
+                cand.error = fit_weight(
+                    layer.weight, problems[lp.name], refine_steps=0, data_aware=batches is not None
+                )
                 lp.candidates[f] = cand.error
                 if best is None or cand.error < best.error - 1e-9:
                     best = cand
@@ -393,9 +491,16 @@ def plan(
 
 
 def _build(lp: LayerPlan, linear: nn.Linear, implementation: str) -> FactorizedLinear:
-    layer = FactorizedLinear(lp.in_modes, lp.out_modes, bias=lp.bias, factorization=lp.factorization,
-                             rank=lp.rank, implementation=implementation,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+    layer = FactorizedLinear(
+        lp.in_modes,
+        lp.out_modes,
+        bias=lp.bias,
+        factorization=lp.factorization,
+        rank=lp.rank,
+        implementation=implementation,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
     if lp.bias:
         with torch.no_grad():
             layer.bias.copy_(linear.bias)
@@ -455,15 +560,33 @@ def tensorize(
             bar = tqdm(total=len(alloc), desc="calibrating", disable=not progress, leave=False)
             stats = record_stats(model, names, alloc, forward, on_batch=bar.update)
             bar.close()
-        plan_ = plan(model, budget, factorization, targets, exclude, batches, rank, n_tensorized_modes,
-                     allocation, forward, output_fn, progress, _stats=stats)
+        plan_ = plan(
+            model,
+            budget,
+            factorization,
+            targets,
+            exclude,
+            batches,
+            rank,
+            n_tensorized_modes,
+            allocation,
+            forward,
+            output_fn,
+            progress,
+            _stats=stats,
+        )
     layers = [copy.copy(lp) for lp in plan_.layers]
     linears = {lp.name: model.get_submodule(lp.name) for lp in layers}
     for lp in layers:
         lin = linears[lp.name]
-        if type(lin) is not nn.Linear or (lin.in_features, lin.out_features) != (lp.in_features, lp.out_features):
-            raise ConversionError(f"plan does not fit the model: module {lp.name!r} is {lin!r}, the plan expects "
-                                  f"nn.Linear({lp.in_features}, {lp.out_features})")
+        if type(lin) is not nn.Linear or (lin.in_features, lin.out_features) != (
+            lp.in_features,
+            lp.out_features,
+        ):
+            raise ConversionError(
+                f"plan does not fit the model: module {lp.name!r} is {lin!r}, the plan expects "
+                f"nn.Linear({lp.in_features}, {lp.out_features})"
+            )
     built: dict[str, FactorizedLinear] = {}
     bar = tqdm(total=len(layers), desc="fitting layers", disable=not progress, leave=False)
     by_name = {lp.name: lp for lp in layers}
@@ -472,17 +595,22 @@ def tensorize(
         try:
             work = copy.deepcopy(model)
         except Exception as exc:  # pragma: no cover - exotic modules
-            raise ConversionError(f"cannot copy the model for sequential calibration ({exc}); "
-                                  "pass sequential=False") from exc
+            raise ConversionError(
+                f"cannot copy the model for sequential calibration ({exc}); pass sequential=False"
+            ) from exc
         groups = input_groups(model, list(by_name), batches[0], forward)
         missing = set(by_name) - {n for g in groups for n in g}
         groups += [[n] for n in by_name if n in missing]
         # Blocks of a stack whose layers are all fitted are replayed, not recomputed, in
         # the copy and in the original (whose inputs are then recorded one block at a time).
         stack = find_stack(work, list(by_name))
-        starts = [None if stack is None or g[0] in missing else  # never run: no constraint
-                  min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
-                  for g in groups]
+        starts = [
+            None
+            if stack is None or g[0] in missing
+            # never run: no constraint
+            else min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
+            for g in groups
+        ]
         replays = {}
         if stack is not None:
             replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
@@ -508,8 +636,12 @@ def tensorize(
                 block = starts[g]
                 if block is not None:
                     if recorded[0] != block:
-                        in_block = [n for grp, s in zip(groups, starts, strict=True) if s == block
-                                    for n in grp]
+                        in_block = [
+                            n
+                            for grp, s in zip(groups, starts, strict=True)
+                            if s == block
+                            for n in grp
+                        ]
                         inputs = record_inputs(model, in_block, batches, replayed_forward)
                         recorded = (block, inputs)
                     if recorded[1] is not None:
@@ -530,15 +662,22 @@ def tensorize(
             stats = record_stats(model, list(by_name), batches, forward)
         for lp in layers:
             layer = _build(lp, linears[lp.name], implementation)
-            problem = whitened_problem(linears[lp.name].weight, stats.get(lp.name) if stats else None)
+            problem = whitened_problem(
+                linears[lp.name].weight, stats.get(lp.name) if stats else None
+            )
             lp.error = fit_weight(layer.weight, problem, refine_steps, data_aware=stats is not None)
             built[lp.name] = layer
             bar.update()
     bar.close()
     for name, layer in built.items():  # all replacements exist: now swap (cannot fail)
         set_module(model, name, layer)
-    return ConversionReport(layers, plan_.budget, plan_.factorization, plan_.data_aware,
-                            seconds=time.perf_counter() - start)
+    return ConversionReport(
+        layers,
+        plan_.budget,
+        plan_.factorization,
+        plan_.data_aware,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def revert(model: nn.Module) -> int:
@@ -552,7 +691,9 @@ def revert(model: nn.Module) -> int:
     for n in names:
         layer = model.get_submodule(n)
         if layer.layer_shape:
-            raise ConversionError(f"module {n!r} holds n_layers={layer.n_layers}; revert handles single layers")
+            raise ConversionError(
+                f"module {n!r} holds n_layers={layer.n_layers}; revert handles single layers"
+            )
         dense[n] = layer.to_linear()
     for n, lin in dense.items():
         set_module(model, n, lin)

@@ -57,7 +57,7 @@ def batches_for(model: Any, sentences: list[str], batch_size: int = 32) -> list[
     tok = getattr(model, "preprocess", None) or model.tokenize
     out = []
     for i in range(0, len(order), batch_size):
-        out.append(dict(tok([sentences[j] for j in order[i:i + batch_size]])))
+        out.append(dict(tok([sentences[j] for j in order[i : i + batch_size]])))
     return out
 
 
@@ -73,8 +73,10 @@ class Fidelity:
     knn_agreement: float
 
     def __str__(self) -> str:
-        return (f"mean cosine {self.mean_cosine:.4f}, min cosine {self.min_cosine:.4f}, "
-                f"10-NN agreement {self.knn_agreement:.3f}")
+        return (
+            f"mean cosine {self.mean_cosine:.4f}, min cosine {self.min_cosine:.4f}, "
+            f"10-NN agreement {self.knn_agreement:.3f}"
+        )
 
 
 def fidelity(emb: Tensor, ref: Tensor, k: int = 10) -> Fidelity:
@@ -95,9 +97,12 @@ def fidelity(emb: Tensor, ref: Tensor, k: int = 10) -> Fidelity:
 def token_loss(student_out: Any, teacher_out: Any, batch: Any) -> Tensor:
     """Relative MSE of the (non-padding) token embeddings plus ``1 - cos`` of the sentences."""
     mask = batch["attention_mask"].unsqueeze(-1).to(student_out["token_embeddings"].dtype)
-    tok = relative_mse(student_out["token_embeddings"] * mask, teacher_out["token_embeddings"] * mask)
-    cos = torch.nn.functional.cosine_similarity(student_out["sentence_embedding"],
-                                                teacher_out["sentence_embedding"], dim=-1)
+    tok = relative_mse(
+        student_out["token_embeddings"] * mask, teacher_out["token_embeddings"] * mask
+    )
+    cos = torch.nn.functional.cosine_similarity(
+        student_out["sentence_embedding"], teacher_out["sentence_embedding"], dim=-1
+    )
     return tok + (1 - cos).mean()
 
 
@@ -143,9 +148,16 @@ def run_demo(
     ref = embed(teacher, ev_b)
     student = copy.deepcopy(teacher)
     start = time.perf_counter()
-    report = core.tensorize(student, budget=budget, factorization=factorization, targets=targets,
-                            exclude=exclude, calibration=cal_b, refine_steps=refine_steps,
-                            progress=progress)
+    report = core.tensorize(
+        student,
+        budget=budget,
+        factorization=factorization,
+        targets=targets,
+        exclude=exclude,
+        calibration=cal_b,
+        refine_steps=refine_steps,
+        progress=progress,
+    )
     t_fit = time.perf_counter() - start
     before = fidelity(embed(student, ev_b), ref)
     losses: list[float] = []
@@ -162,22 +174,46 @@ def run_demo(
                 features = None  # not a BERT-style encoder: match the final output only
         left = None if time_limit is None else time_limit - (time.perf_counter() - start)
         if left is None or left > 0:
-            losses = distill(student, teacher, train_b, steps=distill_steps, lr=lr,
-                             loss_fn=token_loss, progress=progress, features=features,
-                             feature_weight=feature_weight, parameters=distill_parameters,
-                             max_seconds=left, cache_teacher=True)
+            losses = distill(
+                student,
+                teacher,
+                train_b,
+                steps=distill_steps,
+                lr=lr,
+                loss_fn=token_loss,
+                progress=progress,
+                features=features,
+                feature_weight=feature_weight,
+                parameters=distill_parameters,
+                max_seconds=left,
+                cache_teacher=True,
+            )
     seconds = time.perf_counter() - start
     report.seconds = seconds
     after = fidelity(embed(student, ev_b), ref)
-    result = {"report": report, "fit_seconds": t_fit, "seconds": seconds, "before_distill": before,
-              "fidelity": after, "losses": losses, "student": student, "teacher": teacher,
-              "n_calibration": len(cal), "n_evaluation": len(ev), "n_distill": len(train),
-              "distill_steps_done": len(losses)}
+    result = {
+        "report": report,
+        "fit_seconds": t_fit,
+        "seconds": seconds,
+        "before_distill": before,
+        "fidelity": after,
+        "losses": losses,
+        "student": student,
+        "teacher": teacher,
+        "n_calibration": len(cal),
+        "n_evaluation": len(ev),
+        "n_distill": len(train),
+        "distill_steps_done": len(losses),
+    }
     print_fn(str(report))
-    print_fn(f"calibration sentences: {len(cal)}, distillation sentences: {len(train)}, "
-             f"evaluation sentences: {len(ev)} (held out: disjoint from both)")
-    print_fn(f"linear parameters kept: {report.params_after:,} of {report.params_before:,} "
-             f"({100 * report.kept:.1f}%)")
+    print_fn(
+        f"calibration sentences: {len(cal)}, distillation sentences: {len(train)}, "
+        f"evaluation sentences: {len(ev)} (held out: disjoint from both)"
+    )
+    print_fn(
+        f"linear parameters kept: {report.params_after:,} of {report.params_before:,} "
+        f"({100 * report.kept:.1f}%)"
+    )
     print_fn(f"after layer-wise fitting ({t_fit:.0f} s): {before}")
     if losses:
         print_fn(f"after {len(losses)} distillation steps: {after}")

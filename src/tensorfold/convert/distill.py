@@ -41,8 +41,9 @@ def trainable_parameters(student: nn.Module, parameters: str) -> list[nn.Paramet
     ``'all'``: every parameter of the student that requires a gradient.
     """
     if parameters == "factorized":
-        return [p for m in student.modules() if isinstance(m, FactorizedLinear)
-                for p in m.parameters()]
+        return [
+            p for m in student.modules() if isinstance(m, FactorizedLinear) for p in m.parameters()
+        ]
     if parameters == "factorized+norms":
         seen: set[int] = set()
         out: list[nn.Parameter] = []
@@ -61,7 +62,8 @@ def trainable_parameters(student: nn.Module, parameters: str) -> list[nn.Paramet
     if parameters == "all":
         return [p for p in student.parameters() if p.requires_grad]
     raise ConversionError(
-        f"parameters={parameters!r} must be 'factorized', 'factorized+norms' or 'all'")
+        f"parameters={parameters!r} must be 'factorized', 'factorized+norms' or 'all'"
+    )
 
 
 def _lr_factor(progress: float, warmup: float) -> float:
@@ -154,12 +156,16 @@ def distill(
     params = trainable_parameters(student, parameters)
     if not params:
         raise ConversionError(
-            "the student has no parameters to train (no FactorizedLinear layers?)")
+            "the student has no parameters to train (no FactorizedLinear layers?)"
+        )
     names: list[str] = []
     if features is not None:
         pats = [features] if isinstance(features, str) else list(features)
-        names = [n for n, _ in student.named_modules()
-                 if n and any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        names = [
+            n
+            for n, _ in student.named_modules()
+            if n and any(fnmatch.fnmatchcase(n, p) for p in pats)
+        ]
         if not names:
             raise ConversionError(f"features={features!r} matches no module of the student")
     loss_fn = loss_fn or (lambda s, t, b: relative_mse(output_fn(s), output_fn(t)))

@@ -73,7 +73,9 @@ def _thin_svd(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (t @ evecs) * inv, s, evecs.T
 
 
-def whitened_problem(weight: Tensor, stats: LayerStats | None, damping: float = 0.03) -> WhitenedProblem:
+def whitened_problem(
+    weight: Tensor, stats: LayerStats | None, damping: float = 0.03
+) -> WhitenedProblem:
     """Build the whitened least-squares problem of one layer.
 
     ``C + lam I`` and ``M + lam I`` with ``lam = damping * mean(diag C)``: a ridge that
@@ -159,13 +161,17 @@ def fit_weight(
     starts: list[tuple[float, list[Tensor]]] = []
     exact = False
     candidates = [problem.low_rank(_matrix_rank_budget(weight))] if data_aware else []
-    candidates.append(problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol))
+    candidates.append(
+        problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol)
+    )
     for i, dense in enumerate(candidates):
         fit_err = weight.fit_(dense.float().reshape(modes))
         if i == 0 and data_aware and fit_err < 1e-4:
             exact = True
         with torch.no_grad():
-            starts.append((problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors]))
+            starts.append(
+                (problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors])
+            )
         if exact:
             break
     best_err, best = min(starts, key=lambda s: s[0])
@@ -175,14 +181,23 @@ def fit_weight(
     return _refine(weight, problem, refine_steps, best_err)
 
 
-def _refine(weight: FactorizedTensor, problem: WhitenedProblem, steps: int, start_err: float) -> float:
+def _refine(
+    weight: FactorizedTensor, problem: WhitenedProblem, steps: int, start_err: float
+) -> float:
     chol = problem.chol.float()
     target = problem.target.float()
     scale = 1.0 / max(problem.energy, 1e-30)
     params = [torch.nn.Parameter(f.detach().clone().float()) for f in weight.factors]
     original = list(weight.factors)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=steps,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
     from ..functional import reconstruct_weight
 
     def closure() -> Tensor:
@@ -200,6 +215,6 @@ def _refine(weight: FactorizedTensor, problem: WhitenedProblem, steps: int, star
     with torch.no_grad():
         err = problem.error(reconstruct_weight([p.detach() for p in params], weight.network))
     if math.isfinite(err) and err < start_err:
-        weight._copy_factors_([p.detach().to(o.dtype) for p, o in zip(params, original)])
+        weight._copy_factors_([p.detach().to(o.dtype) for p, o in zip(params, original, strict=False)])
         return err
     return start_err

@@ -42,13 +42,20 @@ def _record(model: nn.Module) -> list[dict[str, Any]]:
     for name, m in model.named_modules():
         if isinstance(m, FactorizedLinear):
             if m.layer_shape:
-                raise ConversionError(f"module {name!r} has n_layers={m.n_layers}; save handles single layers")
-            layers.append({
-                "name": name, "factorization": m.factorization,
-                "in_modes": list(m.in_tensorized_features), "out_modes": list(m.out_tensorized_features),
-                "rank": _jsonable_rank(m.rank), "bias": m.bias is not None,
-                "implementation": m.implementation,
-            })
+                raise ConversionError(
+                    f"module {name!r} has n_layers={m.n_layers}; save handles single layers"
+                )
+            layers.append(
+                {
+                    "name": name,
+                    "factorization": m.factorization,
+                    "in_modes": list(m.in_tensorized_features),
+                    "out_modes": list(m.out_tensorized_features),
+                    "rank": _jsonable_rank(m.rank),
+                    "bias": m.bias is not None,
+                    "implementation": m.implementation,
+                }
+            )
     return layers
 
 
@@ -94,17 +101,23 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
     except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
-        raise ConversionError(f"cannot read {str(path)!r}: the file is truncated or not a safetensors file "
-                              f"({type(exc).__name__}: {exc})") from exc
+        raise ConversionError(
+            f"cannot read {str(path)!r}: the file is truncated or not a safetensors file "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     if _MAGIC not in meta:
-        raise ConversionError(f"{str(path)!r} has no tensorfold record: it was not written by tensorfold.save")
+        raise ConversionError(
+            f"{str(path)!r} has no tensorfold record: it was not written by tensorfold.save"
+        )
     try:
         record = json.loads(meta[_MAGIC])
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{str(path)!r} has a corrupt tensorfold record: {exc}") from exc
     if record.get("format") != _MAGIC or record.get("version") != _VERSION:
-        raise ConversionError(f"{str(path)!r}: unsupported record format={record.get('format')!r} "
-                              f"version={record.get('version')!r} (this tensorfold reads version {_VERSION})")
+        raise ConversionError(
+            f"{str(path)!r}: unsupported record format={record.get('format')!r} "
+            f"version={record.get('version')!r} (this tensorfold reads version {_VERSION})"
+        )
     return record, tensors
 
 
@@ -127,25 +140,39 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         try:
             current = model.get_submodule(name)
         except AttributeError as exc:
-            raise ConversionError(f"{str(path)!r} records module {name!r}, which the model does not have") from exc
+            raise ConversionError(
+                f"{str(path)!r} records module {name!r}, which the model does not have"
+            ) from exc
         try:
-            layer = FactorizedLinear(tuple(entry["in_modes"]), tuple(entry["out_modes"]), bias=entry["bias"],
-                                     factorization=entry["factorization"], rank=_rank_from_json(entry["rank"]),
-                                     implementation=entry.get("implementation", "auto"))
+            layer = FactorizedLinear(
+                tuple(entry["in_modes"]),
+                tuple(entry["out_modes"]),
+                bias=entry["bias"],
+                factorization=entry["factorization"],
+                rank=_rank_from_json(entry["rank"]),
+                implementation=entry.get("implementation", "auto"),
+            )
         except (KeyError, TypeError, TensorfoldError) as exc:
-            raise ConversionError(f"{str(path)!r}: invalid record for module {name!r}: {exc}") from exc
+            raise ConversionError(
+                f"{str(path)!r}: invalid record for module {name!r}: {exc}"
+            ) from exc
         ref = current.weight if isinstance(current, nn.Linear) else None
         if isinstance(current, FactorizedLinear):
             ref = current.bias if current.bias is not None else next(current.parameters())
         elif not isinstance(current, nn.Linear):
-            raise ConversionError(f"{str(path)!r} records {name!r} as a linear layer, but the model has "
-                                  f"{type(current).__name__} there")
+            raise ConversionError(
+                f"{str(path)!r} records {name!r} as a linear layer, but the model has "
+                f"{type(current).__name__} there"
+            )
         if (current.in_features, current.out_features) != (layer.in_features, layer.out_features):
             raise ConversionError(
                 f"{str(path)!r} records {name!r} as {layer.in_features} -> {layer.out_features}, but the model's "
-                f"module is {current.in_features} -> {current.out_features}")
-        replacements[name] = layer.to(device=ref.device if ref is not None else None,
-                                      dtype=ref.dtype if ref is not None else None)
+                f"module is {current.in_features} -> {current.out_features}"
+            )
+        replacements[name] = layer.to(
+            device=ref.device if ref is not None else None,
+            dtype=ref.dtype if ref is not None else None,
+        )
     # The state_dict the model will have once the replacements are in place.
     expected: dict[str, torch.Size] = {}
     for key, value in model.state_dict().items():
@@ -157,13 +184,17 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ConversionError(f"{str(path)!r} does not match the model: missing keys {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}")
+        raise ConversionError(
+            f"{str(path)!r} does not match the model: missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for key, shape in expected.items():
         if tensors[key].shape != shape:
-            raise ConversionError(f"{str(path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                                  f"the model expects {tuple(shape)}")
+            raise ConversionError(
+                f"{str(path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"the model expects {tuple(shape)}"
+            )
     for name, layer in replacements.items():
         set_module(model, name, layer)
     model.load_state_dict(tensors, strict=True)

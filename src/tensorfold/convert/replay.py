@@ -43,7 +43,7 @@ def block_index(prefix: str, name: str) -> int | None:
     head = f"{prefix}." if prefix else ""
     if not name.startswith(head):
         return None
-    first = name[len(head):].split(".", 1)[0]
+    first = name[len(head) :].split(".", 1)[0]
     return int(first) if first.isdigit() else None
 
 
@@ -70,8 +70,9 @@ class BlockReplay:
     ``upto`` are final, and :meth:`active` around the passes.
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any],
-                 forward: ForwardFn) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any], forward: ForwardFn
+    ) -> None:
         self.model, self.blocks, self.batches, self._forward = model, blocks, batches, forward
         self._index = {id(b): k for k, b in enumerate(batches)}
         self.upto = 0

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
 from ..contraction import BATCH_LABEL, Network, contraction_plan
+from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
 from ..shapes import check_modes
 
 __all__ = ["FactorizedTensor", "register", "get_format", "FORMATS"]
@@ -101,14 +101,18 @@ class FactorizedTensor(nn.Module):
         self._layer_letters = "".join(next(letters) for _ in layer_shape)
         out_letters = "".join(next(letters) for _ in out_modes)
         in_letters = "".join(next(letters) for _ in in_modes)
-        self._subscripts = type(self).subscripts(self._layer_letters, out_letters, in_letters, letters)
+        self._subscripts = type(self).subscripts(
+            self._layer_letters, out_letters, in_letters, letters
+        )
         strip = str.maketrans("", "", self._layer_letters)
         self.network = Network(
             tuple(s.translate(strip) for s in self._subscripts), out_letters, in_letters
         )
         # Per factor, the axes that index a layer, as (axis, layer mode) in descending axis order.
         self._layer_axes = [
-            sorted(((s.index(c), k) for k, c in enumerate(self._layer_letters) if c in s), reverse=True)
+            sorted(
+                ((s.index(c), k) for k, c in enumerate(self._layer_letters) if c in s), reverse=True
+            )
             for s in self._subscripts
         ]
         self.reset_parameters()
@@ -122,14 +126,14 @@ class FactorizedTensor(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def subscripts(
-        cls, layer: str, out: str, inp: str, fresh: Iterator[str]
-    ) -> tuple[str, ...]:
+    def subscripts(cls, layer: str, out: str, inp: str, fresh: Iterator[str]) -> tuple[str, ...]:
         """Einsum labels of each factor, given the mode letters and a source of new letters."""
         raise NotImplementedError
 
     @classmethod
-    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> Any:
+    def _rank_from_int(
+        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> Any:
         raise NotImplementedError
 
     @classmethod
@@ -169,7 +173,11 @@ class FactorizedTensor(nn.Module):
 
     @classmethod
     def count_parameters(
-        cls, rank: Any, out_modes: Sequence[int], in_modes: Sequence[int], layer_shape: Sequence[int] = ()
+        cls,
+        rank: Any,
+        out_modes: Sequence[int],
+        in_modes: Sequence[int],
+        layer_shape: Sequence[int] = (),
     ) -> int:
         """Number of scalars in the factors for a *resolved* rank."""
         shapes = cls.parameter_shapes(rank, tuple(out_modes), tuple(in_modes), tuple(layer_shape))
@@ -192,10 +200,14 @@ class FactorizedTensor(nn.Module):
         out_modes, in_modes, layer_shape = tuple(out_modes), tuple(in_modes), tuple(layer_shape)
         if isinstance(rank, str):
             if rank.lower() != "same":
-                raise RankError(f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints")
+                raise RankError(
+                    f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints"
+                )
             rank = 1.0
         if isinstance(rank, bool):
-            raise RankError(f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints")
+            raise RankError(
+                f"rank={rank!r} must be 'same', a float > 0, an int >= 1 or a tuple of ints"
+            )
         if isinstance(rank, float):
             if not math.isfinite(rank) or rank <= 0:
                 raise RankError(f"rank={rank!r}: a fractional rank must be a finite float > 0")
@@ -226,7 +238,9 @@ class FactorizedTensor(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.factors)
 
-    def reset_parameters(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(
+        self, std: float | None = None, generator: torch.Generator | None = None
+    ) -> None:
         """Re-draw the factors so the rebuilt tensor has std ``std``.
 
         Defaults to ``nn.Linear``'s scale, ``1 / sqrt(3 * in_features)``.
@@ -234,7 +248,7 @@ class FactorizedTensor(nn.Module):
         if std is None:
             std = 1.0 / math.sqrt(3 * math.prod(self.in_modes))
         with torch.no_grad():
-            for factor, factor_std in zip(self.factors, self.init_stds(std)):
+            for factor, factor_std in zip(self.factors, self.init_stds(std), strict=False):
                 if factor_std is None:
                     factor.fill_(1.0)
                 else:
@@ -252,7 +266,7 @@ class FactorizedTensor(nn.Module):
         if not self.layer_shape:
             return list(factors)  # type: ignore[arg-type]
         picked = []
-        for factor, axes in zip(factors, self._layer_axes):
+        for factor, axes in zip(factors, self._layer_axes, strict=False):
             for axis, mode in axes:
                 factor = factor.select(axis, indices[mode])
             picked.append(factor)
@@ -260,10 +274,18 @@ class FactorizedTensor(nn.Module):
 
     def to_tensor(self) -> Tensor:
         """The full tensor ``layer_shape + out_modes + in_modes``."""
-        equation = ",".join(self._subscripts) + "->" + self._layer_letters + self.network.out_labels + self.network.in_labels
+        equation = (
+            ",".join(self._subscripts)
+            + "->"
+            + self._layer_letters
+            + self.network.out_labels
+            + self.network.in_labels
+        )
         shapes = tuple(tuple(f.shape) for f in self.factors)
         numel = math.prod(self.all_modes)
-        return contraction_plan(equation, shapes, max(numel, *(math.prod(s) for s in shapes)))(*self.factors)
+        return contraction_plan(equation, shapes, max(numel, *(math.prod(s) for s in shapes)))(
+            *self.factors
+        )
 
     def to_matrix(self, indices: tuple[int, ...] = ()) -> Tensor:
         """The dense ``(out_features, in_features)`` weight of one layer."""
@@ -286,7 +308,9 @@ class FactorizedTensor(nn.Module):
 
     def _check_dense(self, tensor: Tensor) -> Tensor:
         if tuple(tensor.shape) != self.all_modes:
-            raise ShapeError(f"tensor of shape {tuple(tensor.shape)} cannot be fitted to modes {self.all_modes}")
+            raise ShapeError(
+                f"tensor of shape {tuple(tensor.shape)} cannot be fitted to modes {self.all_modes}"
+            )
         return tensor.detach().to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
     def extra_repr(self) -> str:
@@ -295,7 +319,11 @@ class FactorizedTensor(nn.Module):
 
 
 def fill_budget(
-    ranks: list[int], caps: Sequence[int], count: Callable[[list[int]], int], budget: int, order: Sequence[int]
+    ranks: list[int],
+    caps: Sequence[int],
+    count: Callable[[list[int]], int],
+    budget: int,
+    order: Sequence[int],
 ) -> list[int]:
     """Raise ranks while the count fits ``budget``: greedy single steps (in ``order``, one
     per pass, so ranks stay balanced), then moves of one step from one rank to another

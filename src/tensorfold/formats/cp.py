@@ -33,17 +33,23 @@ class CPTensor(FactorizedTensor):
         return (r, *(m + r for m in layer + out + inp))
 
     @classmethod
-    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+    def _rank_from_int(
+        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> int:
         return rank
 
     @classmethod
-    def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+    def _rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> int:
         if len(rank) != 1:
             raise RankError(f"rank={rank!r}: CP takes a single int rank, got {len(rank)} values")
         return rank[0]
 
     @classmethod
-    def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+    def _rank_for_budget(
+        cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> int:
         per_rank = 1 + sum(layer_shape + out_modes + in_modes)
         return max(1, budget // per_rank)
 

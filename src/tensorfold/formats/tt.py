@@ -9,7 +9,15 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import RankError
-from .base import FactorizedTensor, Modes, bond_caps, center_out, fill_budget, largest_fitting, register
+from .base import (
+    FactorizedTensor,
+    Modes,
+    bond_caps,
+    center_out,
+    fill_budget,
+    largest_fitting,
+    register,
+)
 
 
 def tt_parameter_count(bonds: tuple[int, ...], dims: Modes) -> int:
@@ -32,9 +40,11 @@ def resolve_bonds_from_sequence(rank: tuple[int, ...], dims: Modes, fmt: str) ->
             f"rank={rank!r}: {fmt} over {len(dims)} cores needs {n_bonds} bond ranks "
             f"(or {n_bonds + 2} with the boundary 1s)"
         )
-    for k, (r, cap) in enumerate(zip(rank, bond_caps(dims))):
+    for k, (r, cap) in enumerate(zip(rank, bond_caps(dims), strict=False)):
         if r > cap:
-            raise RankError(f"rank={rank!r}: bond rank[{k}]={r} exceeds its largest useful value {cap}")
+            raise RankError(
+                f"rank={rank!r}: bond rank[{k}]={r} exceeds its largest useful value {cap}"
+            )
     return tuple(rank)
 
 
@@ -70,7 +80,9 @@ class TTTensor(FactorizedTensor):
     decomposition_options = ()
 
     @classmethod
-    def parameter_shapes(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def parameter_shapes(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         full = (1, *rank, 1)
         dims = layer_shape + out_modes + in_modes
         return [(full[k], d, full[k + 1]) for k, d in enumerate(dims)]
@@ -86,7 +98,9 @@ class TTTensor(FactorizedTensor):
         return resolve_bonds_from_int(rank, layer_shape + out_modes + in_modes)
 
     @classmethod
-    def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def _rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         return resolve_bonds_from_sequence(rank, layer_shape + out_modes + in_modes, "tt")
 
     @classmethod

@@ -26,7 +26,7 @@ def padded(out_modes: Modes, in_modes: Modes) -> tuple[Modes, Modes]:
 def core_dims(out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> Modes:
     """Size of each core's physical index: the layer modes, then ``o_k * i_k`` per pair."""
     outs, ins = padded(out_modes, in_modes)
-    return layer_shape + tuple(o * i for o, i in zip(outs, ins))
+    return layer_shape + tuple(o * i for o, i in zip(outs, ins, strict=False))
 
 
 @register
@@ -40,12 +40,19 @@ class TTMTensor(FactorizedTensor):
     decomposition_options = ()
 
     @classmethod
-    def parameter_shapes(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def parameter_shapes(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         full = (1, *rank, 1)
         outs, ins = padded(out_modes, in_modes)
-        shapes: list[tuple[int, ...]] = [(full[k], n, full[k + 1]) for k, n in enumerate(layer_shape)]
+        shapes: list[tuple[int, ...]] = [
+            (full[k], n, full[k + 1]) for k, n in enumerate(layer_shape)
+        ]
         offset = len(layer_shape)
-        shapes += [(full[offset + k], o, i, full[offset + k + 1]) for k, (o, i) in enumerate(zip(outs, ins))]
+        shapes += [
+            (full[offset + k], o, i, full[offset + k + 1])
+            for k, (o, i) in enumerate(zip(outs, ins, strict=False))
+        ]
         return shapes
 
     @classmethod
@@ -57,7 +64,10 @@ class TTMTensor(FactorizedTensor):
         bonds = [next(fresh) for _ in range(len(layer) + n + 1)]
         subs = [bonds[k] + m + bonds[k + 1] for k, m in enumerate(layer)]
         offset = len(layer)
-        subs += [bonds[offset + k] + o + i + bonds[offset + k + 1] for k, (o, i) in enumerate(zip(outs, ins))]
+        subs += [
+            bonds[offset + k] + o + i + bonds[offset + k + 1]
+            for k, (o, i) in enumerate(zip(outs, ins, strict=False))
+        ]
         return tuple(subs)
 
     @classmethod
@@ -68,7 +78,9 @@ class TTMTensor(FactorizedTensor):
         return resolve_bonds_from_int(rank, dims)
 
     @classmethod
-    def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def _rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         return resolve_bonds_from_sequence(rank, core_dims(out_modes, in_modes, layer_shape), "ttm")
 
     @classmethod

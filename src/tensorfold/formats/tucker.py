@@ -22,15 +22,17 @@ class TuckerTensor(FactorizedTensor):
     decomposition_options = ("n_iter_max", "tol", "init")
 
     @classmethod
-    def parameter_shapes(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def parameter_shapes(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         dims = layer_shape + out_modes + in_modes
-        return [tuple(rank)] + [(d, r) for d, r in zip(dims, rank)]
+        return [tuple(rank)] + [(d, r) for d, r in zip(dims, rank, strict=False)]
 
     @classmethod
     def subscripts(cls, layer: str, out: str, inp: str, fresh: Iterator[str]) -> tuple[str, ...]:
         modes = layer + out + inp
         ranks = "".join(next(fresh) for _ in modes)
-        return (ranks, *(m + r for m, r in zip(modes, ranks)))
+        return (ranks, *(m + r for m, r in zip(modes, ranks, strict=False)))
 
     @classmethod
     def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
@@ -38,7 +40,9 @@ class TuckerTensor(FactorizedTensor):
         return layer_shape + tuple(min(rank, d) for d in out_modes + in_modes)
 
     @classmethod
-    def _rank_from_sequence(cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def _rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ):
         weight_dims = out_modes + in_modes
         if len(rank) == len(weight_dims):
             rank = layer_shape + rank
@@ -48,7 +52,7 @@ class TuckerTensor(FactorizedTensor):
                 f"rank={rank!r}: Tucker needs one rank per mode, {len(weight_dims)} "
                 f"(out and in modes) or {len(dims)} (with the layer modes)"
             )
-        for k, (r, d) in enumerate(zip(rank, dims)):
+        for k, (r, d) in enumerate(zip(rank, dims, strict=False)):
             if r > d:
                 raise RankError(f"rank={rank!r}: rank[{k}]={r} exceeds its mode size {d}")
         return tuple(rank)
@@ -58,7 +62,9 @@ class TuckerTensor(FactorizedTensor):
         dims = out_modes + in_modes
 
         def count(ranks: list[int]) -> int:
-            return cls.count_parameters(layer_shape + tuple(ranks), out_modes, in_modes, layer_shape)
+            return cls.count_parameters(
+                layer_shape + tuple(ranks), out_modes, in_modes, layer_shape
+            )
 
         def proportional(s: float) -> list[int]:
             return [max(1, min(d, math.floor(s * d))) for d in dims]

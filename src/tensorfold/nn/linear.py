@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..contraction import batch_bucket
 from ..errors import LayerIndexError, ShapeError
 from ..formats import FactorizedTensor, get_format
 from ..functional import (
@@ -20,7 +21,6 @@ from ..functional import (
     reconstruct_weight,
     split_weight,
 )
-from ..contraction import batch_bucket
 from ..shapes import check_modes, tensorized_shape
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
@@ -101,9 +101,13 @@ class FactorizedLinear(nn.Module):
         self.n_layers = n_layers if isinstance(n_layers, int) else layer_shape
         self.implementation = implementation
         self.checkpointing = bool(checkpointing)
-        self.weight: FactorizedTensor = fmt(out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype)
+        self.weight: FactorizedTensor = fmt(
+            out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype
+        )
         if bias:
-            self.bias = nn.Parameter(torch.empty(*layer_shape, self.out_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(
+                torch.empty(*layer_shape, self.out_features, device=device, dtype=dtype)
+            )
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -129,7 +133,9 @@ class FactorizedLinear(nn.Module):
         if not self.layer_shape:
             if indices in (0, ()):
                 return ()
-            raise LayerIndexError(f"indices={indices!r} given to a single layer (n_layers=1); use 0")
+            raise LayerIndexError(
+                f"indices={indices!r} given to a single layer (n_layers=1); use 0"
+            )
         idx = (indices,) if isinstance(indices, int) and not isinstance(indices, bool) else indices
         if (
             not isinstance(idx, tuple)
@@ -139,16 +145,20 @@ class FactorizedLinear(nn.Module):
             raise LayerIndexError(
                 f"indices={indices!r} must be {len(self.layer_shape)} int(s) for n_layers={self.n_layers}"
             )
-        for i, n in zip(idx, self.layer_shape):
+        for i, n in zip(idx, self.layer_shape, strict=False):
             if not 0 <= i < n:
-                raise LayerIndexError(f"indices={indices!r} out of range for n_layers={self.n_layers}")
+                raise LayerIndexError(
+                    f"indices={indices!r} out of range for n_layers={self.n_layers}"
+                )
         return idx
 
     def forward(self, x: Tensor, indices: LayerIndex = 0) -> Tensor:
         idx = self._indices(indices)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             width = x.shape[-1] if x.ndim else "a scalar"
-            raise ShapeError(f"input has last dimension {width}, but the layer has in_features={self.in_features}")
+            raise ShapeError(
+                f"input has last dimension {width}, but the layer has in_features={self.in_features}"
+            )
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
         if self.checkpointing and torch.is_grad_enabled() and self.implementation != "factorized":
             # The factorized path has its own lean backward (see _forward).
@@ -163,8 +173,9 @@ class FactorizedLinear(nn.Module):
                 return y
             implementation = "factorized"
         factors = self.weight.layer_factors(idx)
-        return factorized_linear(x, factors, self.weight.network, bias, implementation,
-                                 lean_backward=self.checkpointing)
+        return factorized_linear(
+            x, factors, self.weight.network, bias, implementation, lean_backward=self.checkpointing
+        )
 
     # ---- inference weight cache ---------------------------------------------------------
     # In inference rebuilt operands (the weight, or 'auto''s thin split pair) are reused
@@ -180,7 +191,9 @@ class FactorizedLinear(nn.Module):
             return True
         return not any(p.requires_grad for p in self.weight.factors._parameters.values())  # type: ignore[union-attr]
 
-    def _forward_reusing_weight(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
+    def _forward_reusing_weight(
+        self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None
+    ) -> Tensor | None:
         """The forward with cached operands, or None where 'auto' prefers the factorized path."""
         choice = "reconstructed"
         if self.implementation == "auto":
@@ -251,8 +264,13 @@ class FactorizedLinear(nn.Module):
         """An equivalent dense ``nn.Linear`` (weights copied, not shared)."""
         idx = self._indices(indices)
         weight = self.weight.to_matrix(idx).detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
@@ -288,10 +306,21 @@ class FactorizedLinear(nn.Module):
             True
         """
         return cls.from_linear_list(
-            [linear], *cls._modes_for(linear, auto_tensorize, n_tensorized_modes,
-                                      in_tensorized_features, out_tensorized_features),
-            rank=rank, bias=bias, factorization=factorization, implementation=implementation,
-            checkpointing=checkpointing, decomposition_kwargs=decomposition_kwargs, verbose=verbose,
+            [linear],
+            *cls._modes_for(
+                linear,
+                auto_tensorize,
+                n_tensorized_modes,
+                in_tensorized_features,
+                out_tensorized_features,
+            ),
+            rank=rank,
+            bias=bias,
+            factorization=factorization,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            decomposition_kwargs=decomposition_kwargs,
+            verbose=verbose,
         )
 
     @staticmethod
@@ -311,7 +340,9 @@ class FactorizedLinear(nn.Module):
             auto_in, auto_out = tensorized_shape(in_features, out_features, order)
             in_modes = auto_in if in_modes is None else in_modes
             out_modes = auto_out if out_modes is None else out_modes
-        return check_modes(in_modes, "in_tensorized_features"), check_modes(out_modes, "out_tensorized_features")
+        return check_modes(in_modes, "in_tensorized_features"), check_modes(
+            out_modes, "out_tensorized_features"
+        )
 
     @classmethod
     def from_linear_list(
@@ -341,20 +372,33 @@ class FactorizedLinear(nn.Module):
         out_modes = check_modes(out_tensorized_features, "out_tensorized_features")
         _check_features(in_modes, first.shape[1], "in_tensorized_features", "in_features")
         _check_features(out_modes, first.shape[0], "out_tensorized_features", "out_features")
-        layer = cls(in_modes, out_modes, bias=bias, factorization=factorization, rank=rank,
-                    implementation=implementation, n_layers=len(linear_list),
-                    checkpointing=checkpointing, device=first.device, dtype=first.dtype)
+        layer = cls(
+            in_modes,
+            out_modes,
+            bias=bias,
+            factorization=factorization,
+            rank=rank,
+            implementation=implementation,
+            n_layers=len(linear_list),
+            checkpointing=checkpointing,
+            device=first.device,
+            dtype=first.dtype,
+        )
         with torch.no_grad():
             dense = torch.stack([lin.weight.detach() for lin in linear_list])
             dense = dense.reshape(layer.weight.all_modes)
             error = layer.weight.fit_(dense, **(decomposition_kwargs or {}))
             if layer.bias is not None:
-                biases = [lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
-                          for lin in linear_list]
+                biases = [
+                    lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
+                    for lin in linear_list
+                ]
                 layer.bias.copy_(torch.stack(biases).reshape(layer.bias.shape))
         layer.decomposition_error = error
         if verbose:
-            print(f"{layer.factorization} decomposition of {len(linear_list)} layer(s): relative error {error:.3e}")
+            print(
+                f"{layer.factorization} decomposition of {len(linear_list)} layer(s): relative error {error:.3e}"
+            )
         return layer
 
     # ---- display ----------------------------------------------------------------------
