@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionError
@@ -20,16 +20,29 @@ _OUTPUT_KEYS = ("sentence_embedding", "last_hidden_state", "logits", "token_embe
 def call_model(model: nn.Module, item: Any) -> Any:
     """Run ``model`` on one calibration item.
 
-    The rule: a ``tuple``/``list`` is unpacked as positional arguments; anything else
-    (a tensor, or a mapping such as a tokenizer's output, which sentence-transformers
-    models take as one argument) is passed as the single argument. Pass ``forward=`` to
-    the public functions to call the model another way, e.g. ``lambda m, b: m(**b)``.
+    The rule: a ``tuple``/``list`` is unpacked as positional arguments; a mapping (a
+    tokenizer's or image processor's output) is passed as keyword arguments, as Hugging
+    Face models take it, unless the model's ``forward`` has a required first parameter
+    that is not one of the mapping's keys (sentence-transformers models take the mapping
+    as one argument); anything else is the single argument. Pass ``forward=`` to the
+    public functions to call the model another way.
     """
     if isinstance(item, (tuple, list)):
         return model(*item)
     if isinstance(item, Mapping):
-        return model(dict(item))
+        if _takes_mapping(model, item.keys()):
+            return model(dict(item))
+        return model(**item)
     return model(item)
+
+
+def _takes_mapping(model: nn.Module, keys: Iterable[str]) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: keep the single-argument call
+        return True
+    first = next((p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return first is not None and first.default is first.empty and first.name not in set(keys)
 
 
 class StopForward(Exception):
@@ -75,41 +88,106 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a linear layer whose weight is
+    stored ``(in, out)``. Recognised by name and shape so ``transformers`` need not be
+    imported."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.dim() == 2
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A module tensorfold can replace: exactly ``nn.Linear``, or a ``Conv1D``."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def linear_view(module: nn.Module) -> nn.Linear:
+    """``module`` itself for an ``nn.Linear``; for a ``Conv1D`` an ``nn.Linear`` whose weight
+    is a transposed view of the same storage (no copy) and whose bias is the same tensor."""
+    if type(module) is nn.Linear:
+        return module
+    if not is_conv1d(module):
+        raise ConversionError(f"{type(module).__name__} is not a linear layer tensorfold can convert")
+    w = module.weight
+    view = nn.Linear(w.shape[0], w.shape[1], bias=False, device="meta")
+    view.weight = nn.Parameter(w.detach().T, requires_grad=False)
+    bias = getattr(module, "bias", None)
+    view.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    return view
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Linear layers that map to a vocabulary or share a weight with an embedding: a
+    Hugging Face model's ``get_output_embeddings()``, and any linear tied to an
+    ``nn.Embedding``. Left dense unless asked for by name."""
+    heads: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (AttributeError, NotImplementedError):
+            head = None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {
+        n
+        for n, m in model.named_modules()
+        if n and is_linear(m) and (id(m) in heads or id(getattr(m, "weight", None)) in tied)
+    }
+
+
+def _patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ConversionError(f"{name}={value!r} must be a glob string or a list of glob strings")
+    return list(value)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """The one matching rule: a shell-style glob (``fnmatch.fnmatchcase``) on the full
+    dotted module name; ``*`` also crosses dots."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def match_names(
+    model: nn.Module, patterns: str | Sequence[str], argument: str = "features"
+) -> list[str]:
+    """Names of the modules of any type whose name matches one of ``patterns``."""
+    pats = _patterns(patterns, argument) or []
+    return [n for n, _ in model.named_modules() if n and matches(n, pats)]
+
+
 def match_modules(
     model: nn.Module,
     targets: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
-    kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
 ) -> list[str]:
-    """Names of the modules of type ``kind`` selected by ``targets`` minus ``exclude``.
+    """Names of the linear modules (:func:`is_linear`) selected by ``targets`` minus ``exclude``.
 
-    The matching rule: each pattern is a shell-style glob (:func:`fnmatch.fnmatchcase`)
-    matched against the module's full dotted name from ``model.named_modules()``; ``*``
-    also crosses dots. ``targets=None`` selects every module of type ``kind``. A module is
+    Each pattern follows :func:`matches`. ``targets=None`` selects every linear module
+    except the output heads (:func:`output_head_names`: the LM head, layers tied to an
+    embedding); a head is converted only when a target pattern names it. A module is
     converted when it matches at least one target pattern and no exclude pattern.
-    Example: ``targets="*encoder*"``, ``exclude=["*.pooler.*", "*lm_head"]``.
+    Example: ``targets="*encoder*"``, ``exclude=["*.pooler.*"]``.
     """
-
-    def patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return [value]
-        if not all(isinstance(v, str) for v in value):
-            raise ConversionError(
-                f"{name}={value!r} must be a glob string or a list of glob strings"
-            )
-        return list(value)
-
-    tgt = patterns(targets, "targets")
-    exc = patterns(exclude, "exclude") or []
+    tgt = _patterns(targets, "targets")
+    exc = _patterns(exclude, "exclude") or []
+    heads = output_head_names(model) if tgt is None else set()
     names = []
     for name, module in model.named_modules():
-        if not name or type(module) not in (kind if isinstance(kind, tuple) else (kind,)):
+        if not name or not is_linear(module) or name in heads:
             continue
-        if tgt is not None and not any(fnmatch.fnmatchcase(name, p) for p in tgt):
+        if tgt is not None and not matches(name, tgt):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exc):
+        if matches(name, exc):
             continue
         names.append(name)
     return names
@@ -128,9 +206,3 @@ def as_batches(calibration: Iterable[Any] | None) -> list[Any] | None:
     if not batches:
         raise ConversionError("calibration is empty: give at least one batch of model inputs")
     return batches
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,16 @@ from ..errors import ConversionError, TensorfoldError
 from ..formats import get_format
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
-from ._util import ForwardFn, as_batches, call_model, match_modules, output_tensor, set_module
+from ._util import (
+    ForwardFn,
+    as_batches,
+    call_model,
+    is_linear,
+    linear_view,
+    match_modules,
+    output_tensor,
+    set_module,
+)
 from .calibrate import LayerStats, input_groups, record_inputs, record_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
 from .replay import BlockReplay, block_index, find_stack
@@ -226,11 +235,12 @@ def _sensitivities(
     for name in names:
         lin = model.get_submodule(name)
         p = problems[name]
+        n_out, n_in = p.weight.shape
         k = max(
             1,
-            int(share * lin.in_features * lin.out_features / (lin.in_features + lin.out_features)),
+            int(share * n_in * n_out / (n_in + n_out)),
         )
-        delta = (p.low_rank(k) - p.weight).to(lin.weight.dtype)
+        delta = (p.low_rank(k) - p.weight).to(device=lin.weight.device, dtype=lin.weight.dtype)
         handle = lin.register_forward_hook(lambda m, a, y, d=delta: y + F.linear(a[0], d))
         try:
             num = den = 0.0
@@ -387,10 +397,11 @@ def plan(
     names = match_modules(model, targets, exclude)
     if not names:
         raise ConversionError(
-            f"no nn.Linear module matches targets={targets!r} exclude={exclude!r}; the model's linear "
-            f"modules are {[n for n, m in model.named_modules() if type(m) is nn.Linear][:8]}"
+            f"no nn.Linear module matches targets={targets!r} exclude={exclude!r} (nor Conv1D); "
+            "the model's linear "
+            f"modules are {[n for n, m in model.named_modules() if is_linear(m)][:8]}"
         )
-    linears = {n: model.get_submodule(n) for n in names}
+    linears = {n: linear_view(model.get_submodule(n)) for n in names}
     for n, lin in linears.items():
         if lin.weight.dim() != 2 or not lin.weight.is_floating_point():
             raise ConversionError(
@@ -490,6 +501,20 @@ def plan(
     return result
 
 
+@contextlib.contextmanager
+def _about(lp: LayerPlan) -> Iterator[None]:
+    """Re-raise a library error from deep inside with the module's name and modes."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except TensorfoldError as exc:
+        raise ConversionError(
+            f"module {lp.name!r} ({lp.factorization}, out modes {lp.out_modes}, in modes "
+            f"{lp.in_modes}, rank {lp.rank}): {exc}"
+        ) from exc
+
+
 def _build(lp: LayerPlan, linear: nn.Linear, implementation: str) -> FactorizedLinear:
     layer = FactorizedLinear(
         lp.in_modes,
@@ -505,6 +530,81 @@ def _build(lp: LayerPlan, linear: nn.Linear, implementation: str) -> FactorizedL
         with torch.no_grad():
             layer.bias.copy_(linear.bias)
     return layer
+
+
+def _fit_sequential(
+    work: nn.Module,
+    orig: nn.Module,
+    linears: dict[str, nn.Linear],
+    modules: dict[str, nn.Module],
+    by_name: dict[str, LayerPlan],
+    built: dict[str, FactorizedLinear],
+    batches: list[Any],
+    forward: ForwardFn,
+    refine_steps: int,
+    implementation: str,
+    in_place: bool,
+    tick: Callable[..., Any],
+) -> None:
+    """Fit each group of layers on the inputs it sees in ``work`` (partly converted)
+    against ``orig``'s layer inputs and outputs; fills ``built``."""
+    groups = input_groups(orig, list(by_name), batches[0], forward)
+    missing = set(by_name) - {n for g in groups for n in g}
+    groups += [[n] for n in by_name if n in missing]
+    # Blocks of a stack whose layers are all fitted are replayed, not recomputed, in
+    # the copy and in the original (whose inputs are then recorded one block at a time).
+    stack = find_stack(work, list(by_name))
+    starts = [
+        None
+        if stack is None or g[0] in missing
+        # never run: no constraint
+        else min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
+        for g in groups
+    ]
+    replays = {}
+    if stack is not None:
+        replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
+        replays[id(orig)] = BlockReplay(orig, orig.get_submodule(stack[0]), batches, forward)
+        original: Any = orig
+    else:
+        # One pass of the original keeps every layer's inputs when they fit in memory;
+        # otherwise the original runs alongside the copy in each group's pass.
+        original = record_inputs(orig, list(by_name), batches, forward) or orig
+
+    def replayed_forward(m: nn.Module, batch: Any) -> Any:
+        return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
+
+    recorded: tuple[int | None, Any] = (None, None)  # (block, its layers' original inputs)
+    for g, group in enumerate(groups):
+        # Blocks before the earliest block any unfitted group lives in are final.
+        upto = min((s for s in starts[g:] if s is not None), default=0)
+        with contextlib.ExitStack() as active:
+            for rep in replays.values():
+                rep.advance(upto)
+                active.enter_context(rep.active())
+            source = original
+            block = starts[g]
+            if block is not None:
+                if recorded[0] != block:
+                    in_block = [
+                        n for grp, s in zip(groups, starts, strict=True) if s == block for n in grp
+                    ]
+                    inputs = record_inputs(orig, in_block, batches, replayed_forward)
+                    recorded = (block, inputs)
+                if recorded[1] is not None:
+                    source = recorded[1]
+            gstats = record_stats(work, group, batches, replayed_forward, original=source)
+        for name in group:
+            lp = by_name[name]
+            with _about(lp):
+                layer = _build(lp, linears[name], implementation)
+                problem = whitened_problem(linears[name].weight, gstats.get(name))
+                lp.error = fit_weight(layer.weight, problem, refine_steps)
+            built[name] = layer
+            # In place the layer goes in as it is (memory shrinks as fitting goes on); in
+            # the private copy the same function as a dense layer runs faster.
+            set_module(work, name, layer if in_place else layer.to_linear())
+            tick()
 
 
 def tensorize(
@@ -524,6 +624,7 @@ def tensorize(
     output_fn: Callable[[Any], Tensor] = output_tensor,
     progress: bool = True,
     plan_: ConversionPlan | None = None,
+    reference: nn.Module | None = None,
 ) -> ConversionReport:
     """Replace the matched ``nn.Linear`` modules of ``model`` in place by ``FactorizedLinear``.
 
@@ -535,9 +636,13 @@ def tensorize(
             the optimal whitened low-rank matrix exactly).
         implementation: forward implementation of the new layers.
         plan_: a plan from :func:`plan` to apply as is.
+        reference: an unchanged copy of ``model`` (e.g. the teacher kept for distillation).
+            Sequential fitting then converts ``model`` itself group by group and reads the
+            original layers' inputs from ``reference``, instead of working on a private
+            deep copy: one copy of the model less in memory.
 
     Returns:
-        A :class:`ConversionReport`. On any error the model is left as it was.
+        A :class:`ConversionReport`. On any error (or Ctrl-C) the model is left as it was.
 
     Example:
         >>> import torch, tensorfold
@@ -576,10 +681,10 @@ def tensorize(
             _stats=stats,
         )
     layers = [copy.copy(lp) for lp in plan_.layers]
-    linears = {lp.name: model.get_submodule(lp.name) for lp in layers}
+    modules = {lp.name: model.get_submodule(lp.name) for lp in layers}
     for lp in layers:
-        lin = linears[lp.name]
-        if type(lin) is not nn.Linear or (lin.in_features, lin.out_features) != (
+        lin = modules[lp.name]
+        if not is_linear(lin) or (linear_view(lin).in_features, linear_view(lin).out_features) != (
             lp.in_features,
             lp.out_features,
         ):
@@ -587,85 +692,57 @@ def tensorize(
                 f"plan does not fit the model: module {lp.name!r} is {lin!r}, the plan expects "
                 f"nn.Linear({lp.in_features}, {lp.out_features})"
             )
+    linears = {n: linear_view(m) for n, m in modules.items()}
     built: dict[str, FactorizedLinear] = {}
     bar = tqdm(total=len(layers), desc="fitting layers", disable=not progress, leave=False)
     by_name = {lp.name: lp for lp in layers}
     if batches is not None and sequential:
-        # Fit on a private copy: the copy is converted group by group and recalibrated.
-        try:
-            work = copy.deepcopy(model)
-        except Exception as exc:  # pragma: no cover - exotic modules
-            raise ConversionError(
-                f"cannot copy the model for sequential calibration ({exc}); pass sequential=False"
-            ) from exc
-        groups = input_groups(model, list(by_name), batches[0], forward)
-        missing = set(by_name) - {n for g in groups for n in g}
-        groups += [[n] for n in by_name if n in missing]
-        # Blocks of a stack whose layers are all fitted are replayed, not recomputed, in
-        # the copy and in the original (whose inputs are then recorded one block at a time).
-        stack = find_stack(work, list(by_name))
-        starts = [
-            None
-            if stack is None or g[0] in missing
-            # never run: no constraint
-            else min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
-            for g in groups
-        ]
-        replays = {}
-        if stack is not None:
-            replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
-            replays[id(model)] = BlockReplay(model, model.get_submodule(stack[0]), batches, forward)
-            original: Any = model
+        # Fit on a private copy (or on the model itself, with the reference as the
+        # original): the work model is converted group by group and recalibrated.
+        if reference is None:
+            try:
+                work = copy.deepcopy(model)
+            except Exception as exc:  # pragma: no cover - exotic modules
+                raise ConversionError(
+                    f"cannot copy the model for sequential calibration ({exc}); "
+                    "pass sequential=False or reference="
+                ) from exc
+            orig = model
         else:
-            # One pass of the original keeps every layer's inputs when they fit in memory;
-            # otherwise the original runs alongside the copy in each group's pass.
-            original = record_inputs(model, list(by_name), batches, forward) or model
-
-        def replayed_forward(m: nn.Module, batch: Any) -> Any:
-            return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
-
-        recorded: tuple[int | None, Any] = (None, None)  # (block, its layers' original inputs)
-        for g, group in enumerate(groups):
-            # Blocks before the earliest block any unfitted group lives in are final.
-            upto = min((s for s in starts[g:] if s is not None), default=0)
-            with contextlib.ExitStack() as active:
-                for rep in replays.values():
-                    rep.advance(upto)
-                    active.enter_context(rep.active())
-                source = original
-                block = starts[g]
-                if block is not None:
-                    if recorded[0] != block:
-                        in_block = [
-                            n
-                            for grp, s in zip(groups, starts, strict=True)
-                            if s == block
-                            for n in grp
-                        ]
-                        inputs = record_inputs(model, in_block, batches, replayed_forward)
-                        recorded = (block, inputs)
-                    if recorded[1] is not None:
-                        source = recorded[1]
-                gstats = record_stats(work, group, batches, replayed_forward, original=source)
-            for name in group:
-                lp = by_name[name]
-                layer = _build(lp, linears[name], implementation)
-                problem = whitened_problem(linears[name].weight, gstats.get(name))
-                lp.error = fit_weight(layer.weight, problem, refine_steps)
-                built[name] = layer
-                # The same function as a dense layer: later calibration passes run faster.
-                set_module(work, name, layer.to_linear())
-                bar.update()
+            work, orig = model, reference
+        try:
+            _fit_sequential(
+                work,
+                orig,
+                linears,
+                modules,
+                by_name,
+                built,
+                batches,
+                forward,
+                refine_steps,
+                implementation,
+                in_place=reference is not None,
+                tick=bar.update,
+            )
+        except BaseException:
+            if reference is not None:  # put the original modules back
+                for name, module in modules.items():
+                    set_module(model, name, module)
+            raise
         del work
     else:
         if batches is not None and stats is None:
             stats = record_stats(model, list(by_name), batches, forward)
         for lp in layers:
-            layer = _build(lp, linears[lp.name], implementation)
-            problem = whitened_problem(
-                linears[lp.name].weight, stats.get(lp.name) if stats else None
-            )
-            lp.error = fit_weight(layer.weight, problem, refine_steps, data_aware=stats is not None)
+            with _about(lp):
+                layer = _build(lp, linears[lp.name], implementation)
+                problem = whitened_problem(
+                    linears[lp.name].weight, stats.get(lp.name) if stats else None
+                )
+                lp.error = fit_weight(
+                    layer.weight, problem, refine_steps, data_aware=stats is not None
+                )
             built[lp.name] = layer
             bar.update()
     bar.close()
