@@ -109,35 +109,16 @@ def _matrix_rank_budget(weight: FactorizedTensor) -> int:
 
 def _set_low_rank(weight: FactorizedTensor, problem: WhitenedProblem) -> bool:
     """Write the optimal whitened low-rank matrix straight into formats that are a matrix
-    factorisation (one out mode and one in mode, no layer modes): TT (``G_1 G_2``) and CP
-    (``sum_r w_r a_r b_r^T``). Returns False for every other case."""
-    if weight.layer_shape or len(weight.out_modes) != 1 or len(weight.in_modes) != 1:
+    factorisation (``FactorizedTensor.low_rank_capacity``: CP and TT with one out mode and
+    one in mode, no layer modes). Returns False for every other case."""
+    k = weight.low_rank_capacity()
+    if k is None:
         return False
     u, s, vh = problem.svd
-    if weight.name == "tt":
-        k = int(weight.rank[0])
-    elif weight.name == "cp":
-        k = int(weight.rank)
-    else:
-        return False
     m = min(k, s.numel())
     right = torch.linalg.solve_triangular(problem.chol.T, vh[:m].T, upper=True).T  # (m, in)
-    if weight.name == "tt":
-        left = torch.zeros(u.shape[0], k, dtype=u.dtype)
-        left[:, :m] = u[:, :m] * s[:m].sqrt()
-        rows = torch.zeros(k, right.shape[1], dtype=u.dtype)
-        rows[:m] = right * s[:m].sqrt().unsqueeze(1)
-        weight._copy_factors_([left, rows])
-    else:
-        norms = right.norm(dim=1).clamp_min(1e-30)
-        w = torch.zeros(k, dtype=u.dtype)
-        w[:m] = s[:m] * norms
-        a = torch.zeros(u.shape[0], k, dtype=u.dtype)
-        a[:, :m] = u[:, :m]
-        b = torch.zeros(right.shape[1], k, dtype=u.dtype)
-        b[:, :m] = (right / norms.unsqueeze(1)).T
-        weight._copy_factors_([w, a, b])
-    return True
+    root = s[:m].sqrt()
+    return weight.assign_low_rank_(u[:, :m] * root, right * root.unsqueeze(1))
 
 
 def fit_weight(

@@ -1,6 +1,7 @@
-"""Factorized tensor formats, looked up by name with :func:`get_format`."""
+"""Factorized tensor formats, looked up by name with :func:`get_format`; :func:`names`
+lists them."""
 
-from .base import FORMATS, FactorizedTensor, get_format, register
+from .base import FORMATS, FactorizedTensor, FormatName, RankSpec, get_format, names, register
 from .cp import CPTensor
 from .tt import TTTensor
 from .ttm import TTMTensor
@@ -9,7 +10,10 @@ from .tucker import TuckerTensor
 __all__ = [
     "FORMATS",
     "FactorizedTensor",
+    "FormatName",
+    "RankSpec",
     "get_format",
+    "names",
     "register",
     "CPTensor",
     "TuckerTensor",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Literal, TypeAlias, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +21,22 @@ from ..contraction import BATCH_LABEL, Network, contraction_plan
 from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
 from ..shapes import check_modes
 
-__all__ = ["FactorizedTensor", "register", "get_format", "FORMATS"]
+__all__ = [
+    "FactorizedTensor",
+    "register",
+    "get_format",
+    "names",
+    "FORMATS",
+    "FormatName",
+    "RankSpec",
+]
 
 Modes = tuple[int, ...]
-RankSpec = Any  # 'same' | float | int | Sequence[int]
+#: A rank as users give it: ``'same'`` (the dense parameter count, any case), a float
+#: fraction of the dense parameter count, an int, or a per-format tuple (a list is accepted).
+RankSpec: TypeAlias = Literal["same"] | float | int | tuple[int, ...] | list[int]
+#: The canonical names of the built-in formats (:func:`names` also lists registered ones).
+FormatName: TypeAlias = Literal["cp", "tucker", "tt", "ttm"]
 
 FORMATS: dict[str, type[FactorizedTensor]] = {}
 _ALIASES: dict[str, str] = {}
@@ -32,11 +44,42 @@ _LETTERS = [c for c in string.ascii_letters if c != BATCH_LABEL]
 
 
 def register(cls: type[FactorizedTensor]) -> type[FactorizedTensor]:
-    """Class decorator: make a format reachable by its name and aliases."""
+    """Class decorator: make a format reachable by its name and aliases.
+
+    Names and aliases are lower-case (look-ups are case-insensitive) and unique across
+    all formats: one already taken raises :class:`~tensorfold.errors.FactorizationError`
+    and registers nothing.
+    """
+    keys = (cls.name, *cls.aliases)
+    for key in keys:
+        if not isinstance(key, str) or not key or key != key.lower():
+            raise FactorizationError(
+                f"register({cls.__name__}): name or alias {key!r} must be a non-empty "
+                "lower-case string"
+            )
+        if key in _ALIASES:
+            owner = FORMATS[_ALIASES[key]].__name__
+            raise FactorizationError(
+                f"register({cls.__name__}): name or alias {key!r} is already taken by {owner}"
+            )
+    if len(set(keys)) != len(keys):
+        raise FactorizationError(f"register({cls.__name__}): aliases {keys} repeat a name")
     FORMATS[cls.name] = cls
-    for alias in (cls.name, *cls.aliases):
-        _ALIASES[alias] = cls.name
+    for key in keys:
+        _ALIASES[key] = cls.name
     return cls
+
+
+def names() -> tuple[str, ...]:
+    """The canonical names of the registered formats: the built-ins first, in
+    :data:`FormatName`'s order, then any others in the order they were registered.
+
+    Example:
+        >>> names()
+        ('cp', 'tucker', 'tt', 'ttm')
+    """
+    builtin = tuple(n for n in get_args(FormatName) if n in FORMATS)
+    return builtin + tuple(n for n in FORMATS if n not in builtin)
 
 
 def get_format(name: object) -> type[FactorizedTensor]:
@@ -63,6 +106,23 @@ class FactorizedTensor(nn.Module):
             per-format tuple (see each format). Resolved once into ``self.rank``.
         layer_shape: leading layer modes (``()`` for a single layer).
         device, dtype: factory arguments for the factors.
+
+    Extension points (public, for code outside the format: fitting, conversion):
+
+    * :meth:`fit_` decomposes a dense tensor into the factors;
+    * :meth:`copy_factors_` writes given values into the factors in place;
+    * :meth:`low_rank_capacity` and :meth:`assign_low_rank_` write a matrix ``left @ right``
+      exactly, where the format is a matrix factorisation (CP and TT with one out mode and
+      one in mode, no layer modes).
+
+    A new format subclasses this, provides the methods of the "what each format provides"
+    block below and is decorated with :func:`register`.
+
+    Example:
+        >>> from tensorfold.formats import get_format
+        >>> t = get_format("tucker")((4, 2), (3, 3), rank=(2, 2, 3, 3))
+        >>> t.rank, t.to_matrix().shape
+        ((2, 2, 3, 3), torch.Size([8, 9]))
     """
 
     name: ClassVar[str]
@@ -79,13 +139,15 @@ class FactorizedTensor(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        out_modes = check_modes(out_modes, "out_tensorized_features")
-        in_modes = check_modes(in_modes, "in_tensorized_features")
-        layer_shape = check_modes(layer_shape, "n_layers") if len(layer_shape) else ()
+        # FactorizedLinear checks its own arguments first, so these names are the format's.
+        out_modes = check_modes(out_modes, "out_modes")
+        in_modes = check_modes(in_modes, "in_modes")
+        layer_shape = check_modes(layer_shape, "layer_shape") if len(layer_shape) else ()
         n_modes = len(layer_shape) + len(out_modes) + len(in_modes)
         if 2 * n_modes + 2 > len(_LETTERS):
             raise ShapeError(
-                f"{n_modes} modes in all (layers, out, in) is more than the {len(_LETTERS) // 2 - 1} supported"
+                f"layer_shape={layer_shape}, out_modes={out_modes}, in_modes={in_modes}: "
+                f"{n_modes} modes in all, more than the {len(_LETTERS) // 2 - 1} supported"
             )
         resolved = type(self).resolve_rank(rank, out_modes, in_modes, layer_shape)
         super().__init__()
@@ -198,6 +260,18 @@ class FactorizedTensor(nn.Module):
         is checked against the format's rules.
         """
         out_modes, in_modes, layer_shape = tuple(out_modes), tuple(in_modes), tuple(layer_shape)
+        try:
+            return cls._resolve_rank(rank, out_modes, in_modes, layer_shape)
+        except RankError as err:
+            if str(err).startswith("rank="):
+                raise
+            # A format's rule that only saw the derived budget: name the argument.
+            raise RankError(f"rank={rank!r}: {err}") from None
+
+    @classmethod
+    def _resolve_rank(
+        cls, rank: object, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> Any:
         if isinstance(rank, str):
             if rank.lower() != "same":
                 raise RankError(
@@ -224,7 +298,8 @@ class FactorizedTensor(nn.Module):
                 raise RankError(f"rank={tuple(rank)!r} must hold ints >= 1")
             return cls._rank_from_sequence(tuple(rank), out_modes, in_modes, layer_shape)
         raise RankError(
-            f"rank={rank!r} of type {type(rank).__name__} must be 'same', a float > 0, an int >= 1 or a tuple of ints"
+            f"rank={rank!r} of type {type(rank).__name__} must be 'same', a float > 0, "
+            "an int >= 1 or a tuple of ints"
         )
 
     @property
@@ -258,13 +333,14 @@ class FactorizedTensor(nn.Module):
         """The factors of one layer (layer modes indexed away), differentiable."""
         if len(indices) != len(self.layer_shape):
             raise LayerIndexError(
-                f"indices={indices!r} must have {len(self.layer_shape)} entries for layer shape {self.layer_shape}"
+                f"indices={indices!r} must have {len(self.layer_shape)} entries "
+                f"for layer_shape={self.layer_shape}"
             )
         # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
         # factor on the hot path); its _parameters dict holds them in index order.
-        factors = self.factors._parameters.values()
+        factors = cast("Iterable[Tensor]", self.factors._parameters.values())
         if not self.layer_shape:
-            return list(factors)  # type: ignore[arg-type]
+            return list(factors)
         picked = []
         for factor, axes in zip(factors, self._layer_axes, strict=False):
             for axis, mode in axes:
@@ -293,10 +369,94 @@ class FactorizedTensor(nn.Module):
 
         return reconstruct_weight(self.layer_factors(indices), self.network)
 
-    def _copy_factors_(self, values: Sequence[Tensor]) -> None:
+    def copy_factors_(self, values: Sequence[Tensor]) -> None:
+        """Write ``values`` into the factors in place, without recording gradients.
+
+        One value per factor, in :attr:`factors` order, each with its factor's number of
+        elements (it is reshaped to the factor's shape and cast to its dtype and device).
+        The parameters stay the same objects, so optimisers and shared modules keep
+        pointing at them. Raises :class:`~tensorfold.errors.ShapeError` when the count or
+        a size does not match; nothing is written then.
+
+        Example:
+            >>> from tensorfold.formats import get_format
+            >>> t = get_format("cp")((2,), (3,), rank=1)
+            >>> t.copy_factors_([torch.ones(1), torch.ones(2, 1), torch.full((3,), 2.0)])
+            >>> t.to_matrix().tolist()
+            [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        """
+        values = list(values)
+        shapes = [tuple(f.shape) for f in self.factors]
+        if len(values) != len(shapes):
+            raise ShapeError(
+                f"values: {len(values)} tensors given, but '{self.name}' has "
+                f"{len(shapes)} factors of shapes {shapes}"
+            )
+        for k, (value, shape) in enumerate(zip(values, shapes, strict=True)):
+            if value.numel() != math.prod(shape):
+                raise ShapeError(
+                    f"values[{k}] of shape {tuple(value.shape)} does not fit factor {k} "
+                    f"of shape {shape}"
+                )
         with torch.no_grad():
             for factor, value in zip(self.factors, values, strict=True):
                 factor.copy_(value.reshape(factor.shape))
+
+    # Private spelling kept for convert/fit.py, which calls it.
+    _copy_factors_ = copy_factors_
+
+    def low_rank_capacity(self) -> int | None:
+        """The rank ``k`` of the matrices ``left @ right`` that :meth:`assign_low_rank_`
+        writes exactly, or ``None`` where this format cannot (the default).
+
+        CP and TT with one out mode, one in mode and no layer modes are matrix
+        factorisations: ``k`` is the CP rank, or the TT bond between the two cores.
+        """
+        return None
+
+    def assign_low_rank_(self, left: Tensor, right: Tensor) -> bool:
+        """Set the factors so that the weight is exactly ``left @ right``, in place.
+
+        Args:
+            left: ``(out_features, m)``.
+            right: ``(m, in_features)``, with ``m <= low_rank_capacity()``; the unused
+                ``capacity - m`` terms are set to zero.
+
+        Returns:
+            ``True`` if written; ``False`` (nothing written) where the format cannot
+            hold it: :meth:`low_rank_capacity` is ``None`` or smaller than ``m``.
+            Mismatched shapes raise :class:`~tensorfold.errors.ShapeError`.
+
+        Example:
+            >>> from tensorfold.formats import get_format
+            >>> t = get_format("tt")((4,), (6,), rank=2)
+            >>> left, right = torch.randn(4, 2), torch.randn(2, 6)
+            >>> t.assign_low_rank_(left, right)
+            True
+            >>> torch.allclose(t.to_matrix(), left @ right, atol=1e-6)
+            True
+        """
+        capacity = self.low_rank_capacity()
+        out_f, in_f = math.prod(self.out_modes), math.prod(self.in_modes)
+        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+            raise ShapeError(
+                f"left {tuple(left.shape)} and right {tuple(right.shape)} must be matrices "
+                "(out_features, m) and (m, in_features)"
+            )
+        if left.shape[0] != out_f or right.shape[1] != in_f:
+            raise ShapeError(
+                f"left @ right is {left.shape[0]} x {right.shape[1]}, but the weight is "
+                f"out_features x in_features = {out_f} x {in_f}"
+            )
+        if capacity is None or left.shape[1] > capacity:
+            return False
+        self._assign_low_rank(left, right, capacity)
+        return True
+
+    def _assign_low_rank(self, left: Tensor, right: Tensor, capacity: int) -> None:
+        """Write ``left @ right`` (shapes checked, ``m <= capacity``); formats with a
+        :meth:`low_rank_capacity` implement this."""
+        raise NotImplementedError
 
     def _check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.decomposition_options))
@@ -309,7 +469,8 @@ class FactorizedTensor(nn.Module):
     def _check_dense(self, tensor: Tensor) -> Tensor:
         if tuple(tensor.shape) != self.all_modes:
             raise ShapeError(
-                f"tensor of shape {tuple(tensor.shape)} cannot be fitted to modes {self.all_modes}"
+                f"tensor of shape {tuple(tensor.shape)} cannot be fitted: it must have shape "
+                f"layer_shape + out_modes + in_modes = {self.all_modes}"
             )
         return tensor.detach().to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 

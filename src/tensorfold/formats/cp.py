@@ -24,7 +24,9 @@ class CPTensor(FactorizedTensor):
     decomposition_options = ("n_iter_max", "tol", "init", "generator")
 
     @classmethod
-    def parameter_shapes(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def parameter_shapes(
+        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> list[tuple[int, ...]]:
         return [(rank,)] + [(d, rank) for d in layer_shape + out_modes + in_modes]
 
     @classmethod
@@ -66,8 +68,28 @@ class CPTensor(FactorizedTensor):
         dense = self._check_dense(tensor)
         options.setdefault("n_iter_max", default_sweeps(dense.numel(), self.rank, dense.ndim))
         weights, factors, error = cp_als(dense, self.rank, **options)
-        self._copy_factors_(_balance_cp(weights, factors))
+        self.copy_factors_(_balance_cp(weights, factors))
         return error
+
+    def low_rank_capacity(self) -> int | None:
+        """The CP rank ``R`` where the weight is a matrix (one out and one in mode, no
+        layer modes): ``W = sum_r w_r a_r b_r^T``; ``None`` otherwise."""
+        if self.layer_shape or len(self.out_modes) != 1 or len(self.in_modes) != 1:
+            return None
+        return int(self.rank)
+
+    def _assign_low_rank(self, left: Tensor, right: Tensor, capacity: int) -> None:
+        # Unit columns, the scale of each term in its weight (as a CP decomposition has it).
+        m = left.shape[1]
+        left_norms = left.norm(dim=0).clamp_min(1e-30)
+        right_norms = right.norm(dim=1).clamp_min(1e-30)
+        weights = left.new_zeros(capacity)
+        weights[:m] = left_norms * right_norms
+        a = left.new_zeros(left.shape[0], capacity)
+        a[:, :m] = left / left_norms
+        b = right.new_zeros(right.shape[1], capacity)
+        b[:, :m] = (right / right_norms.unsqueeze(1)).T
+        self.copy_factors_([weights, a, b])
 
 
 # About 3 s of ALS on two cores: a layer conversion should take seconds, not minutes.

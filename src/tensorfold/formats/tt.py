@@ -116,5 +116,20 @@ class TTTensor(FactorizedTensor):
 
         self._check_options(options)
         cores, error = tt_svd(self._check_dense(tensor), [1, *self.rank, 1])
-        self._copy_factors_(cores)
+        self.copy_factors_(cores)
         return error
+
+    def low_rank_capacity(self) -> int | None:
+        """The bond ``r`` where the weight is a matrix (one out and one in mode, no layer
+        modes): ``W = G_1 G_2``; ``None`` otherwise."""
+        if self.layer_shape or len(self.out_modes) != 1 or len(self.in_modes) != 1:
+            return None
+        return int(self.rank[0])
+
+    def _assign_low_rank(self, left: Tensor, right: Tensor, capacity: int) -> None:
+        m = left.shape[1]
+        first = left.new_zeros(left.shape[0], capacity)
+        first[:, :m] = left
+        second = right.new_zeros(capacity, right.shape[1])
+        second[:m] = right
+        self.copy_factors_([first, second])

@@ -101,7 +101,7 @@ class TTMTensor(FactorizedTensor):
         outs, ins = padded(self.out_modes, self.in_modes)
         dense = self._check_dense(tensor).reshape(self.layer_shape + outs + ins)
         cores, error = ttm_svd(dense, len(self.layer_shape), outs, ins, [1, *self.rank, 1])
-        self._copy_factors_(cores)
+        self.copy_factors_(cores)
         return error
 
 
@@ -109,5 +109,6 @@ def _single_core_message(asked: str, dims: Modes) -> str:
     # One out mode, one in mode and no layer modes: a single core is the dense matrix itself.
     return (
         f"{asked} cannot be met by 'ttm' with one out mode and one in mode: its single core is "
-        f"the dense weight ({dims[0]} parameters, no bond to truncate); use two or more modes per side"
+        f"the dense weight ({dims[0]} parameters, no bond to truncate); "
+        "use two or more modes per side"
     )

@@ -80,7 +80,8 @@ class TuckerTensor(FactorizedTensor):
 
     def init_stds(self, target_std: float) -> list[float | None]:
         # Var(T) = var(G) * prod_k R_k var(U_k): unit-variance projections, core carries the scale.
-        return [target_std] + [1.0 / math.sqrt(r) for r in self.rank]
+        stds: list[float | None] = [target_std]
+        return stds + [1.0 / math.sqrt(r) for r in self.rank]
 
     def fit_(self, tensor: Tensor, **options: Any) -> float:
         from ..decompose import tucker_hooi
@@ -91,5 +92,5 @@ class TuckerTensor(FactorizedTensor):
         options.setdefault("n_iter_max", 100)
         options.setdefault("tol", 1e-8)
         core, factors, error = tucker_hooi(self._check_dense(tensor), list(self.rank), **options)
-        self._copy_factors_([core, *factors])
+        self.copy_factors_([core, *factors])
         return error
