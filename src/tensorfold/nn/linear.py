@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contraction import batch_bucket
-from ..errors import LayerIndexError, ShapeError
-from ..formats import FactorizedTensor, get_format
+from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
+from ..formats import FactorizedTensor, FormatName, RankSpec, get_format, names
 from ..functional import (
     check_implementation,
     choose_implementation,
@@ -41,7 +41,38 @@ def _layer_shape(n_layers: object) -> tuple[int, ...]:
 def _check_features(modes: tuple[int, ...], features: int | None, name: str, side: str) -> None:
     if features is not None and math.prod(modes) != features:
         raise ShapeError(
-            f"{name}={modes} multiply to {math.prod(modes)}, but the linear layer has {side}={features}"
+            f"{name}={modes} multiply to {math.prod(modes)}, "
+            f"but the linear layer has {side}={features}"
+        )
+
+
+def _check_adoptable(
+    tensor: FactorizedTensor,
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    layer_shape: tuple[int, ...],
+    n_layers: object,
+    rank: RankSpec,
+) -> None:
+    """Refuse a tensor given as ``factorization=`` whose shape or rank is not the layer's."""
+    what = f"factorization={type(tensor).__name__}"
+    if tensor.in_modes != in_modes or tensor.out_modes != out_modes:
+        raise ShapeError(
+            f"{what} has in_modes={tensor.in_modes}, out_modes={tensor.out_modes}, but the layer "
+            f"has in_tensorized_features={in_modes}, out_tensorized_features={out_modes}"
+        )
+    if tensor.layer_shape != layer_shape:
+        raise ShapeError(
+            f"{what} has layer_shape={tensor.layer_shape}, but n_layers={n_layers!r} "
+            f"gives layer_shape={layer_shape}"
+        )
+    if isinstance(rank, str) and rank.lower() == "same":
+        return  # the default: take the tensor's rank
+    wanted = type(tensor).resolve_rank(rank, out_modes, in_modes, layer_shape)
+    if wanted != tensor.rank:
+        raise RankError(
+            f"rank={rank!r} resolves to {wanted}, but {what} has rank={tensor.rank}; "
+            "leave rank='same' to adopt the tensor's rank"
         )
 
 
@@ -57,7 +88,16 @@ class FactorizedLinear(nn.Module):
         out_tensorized_features: modes whose product is ``out_features``.
         bias: add a learnable bias (one per layer).
         factorization: ``'cp'``, ``'tucker'``, ``'tt'`` or ``'ttm'`` (aliases
-            ``'blocktt'``, ``'tt-matrix'``, ``'mpo'``), case-insensitive.
+            ``'blocktt'``, ``'tt-matrix'``, ``'mpo'``), case-insensitive; or a
+            :class:`~tensorfold.formats.FactorizedTensor` to adopt. The layer then takes
+            that tensor's format, rank and factors and *shares* them, as assigning a
+            submodule does: the tensor becomes ``self.weight`` (nothing is copied or
+            re-initialised, so training the layer trains the tensor; use
+            ``copy.deepcopy(tensor)`` for an independent layer). Its ``in_modes``,
+            ``out_modes`` and ``layer_shape`` must equal the tensorized features and
+            ``n_layers`` given here; ``rank`` stays ``'same'`` or must resolve to the
+            tensor's rank. With ``device`` or ``dtype`` the tensor is moved in place
+            (``tensor.to(...)``); without, the bias follows the tensor's device and dtype.
         rank: ``'same'`` (dense parameter count), a float fraction of it, an int or a
             per-format tuple; the resolved rank is ``self.rank``.
         implementation: ``'factorized'``, ``'reconstructed'`` or ``'auto'``.
@@ -72,15 +112,26 @@ class FactorizedLinear(nn.Module):
         >>> layer = FactorizedLinear((4, 4), (2, 8), factorization="tt", rank=0.5)
         >>> layer(torch.randn(3, 16)).shape
         torch.Size([3, 16])
+
+        Adopting a tensor built first (its factors are shared, not copied):
+
+        >>> from tensorfold.formats import get_format
+        >>> tensor = get_format("tucker")((2, 8), (4, 4), rank=(2, 4, 3, 3))
+        >>> layer = FactorizedLinear((4, 4), (2, 8), factorization=tensor)
+        >>> layer.weight is tensor, layer.rank
+        (True, (2, 4, 3, 3))
     """
+
+    #: Relative error of the fit, set by :meth:`from_linear` / :meth:`from_linear_list`.
+    decomposition_error: float
 
     def __init__(
         self,
         in_tensorized_features: Sequence[int],
         out_tensorized_features: Sequence[int],
         bias: bool = True,
-        factorization: str = "cp",
-        rank: Any = "same",
+        factorization: FormatName | str | FactorizedTensor = "cp",
+        rank: RankSpec = "same",
         implementation: str = "factorized",
         n_layers: int | Sequence[int] = 1,
         checkpointing: bool = False,
@@ -89,9 +140,18 @@ class FactorizedLinear(nn.Module):
     ) -> None:
         in_modes = check_modes(in_tensorized_features, "in_tensorized_features")
         out_modes = check_modes(out_tensorized_features, "out_tensorized_features")
-        fmt = get_format(factorization)
+        adopted = factorization if isinstance(factorization, FactorizedTensor) else None
+        if adopted is None:
+            if isinstance(factorization, nn.Module):  # e.g. another library's tensor
+                raise FactorizationError(
+                    f"factorization={type(factorization).__name__} object is neither a format "
+                    f"name ({', '.join(map(repr, names()))}) nor a tensorfold FactorizedTensor"
+                )
+            fmt = get_format(factorization)
         implementation = check_implementation(implementation)
         layer_shape = _layer_shape(n_layers)
+        if adopted is not None:
+            _check_adoptable(adopted, in_modes, out_modes, layer_shape, n_layers, rank)
         super().__init__()
         self.in_tensorized_features = in_modes
         self.out_tensorized_features = out_modes
@@ -101,16 +161,26 @@ class FactorizedLinear(nn.Module):
         self.n_layers = n_layers if isinstance(n_layers, int) else layer_shape
         self.implementation = implementation
         self.checkpointing = bool(checkpointing)
-        self.weight: FactorizedTensor = fmt(
-            out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype
-        )
+        if adopted is None:
+            self.weight: FactorizedTensor = fmt(
+                out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype
+            )
+        else:
+            if device is not None or dtype is not None:
+                adopted.to(device=device, dtype=dtype)  # in place: the parameters are shared
+            first = next(iter(adopted.parameters()))
+            device, dtype = first.device, first.dtype
+            self.weight = adopted
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(*layer_shape, self.out_features, device=device, dtype=dtype)
             )
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if adopted is None:
+            self.reset_parameters()
+        else:
+            self._reset_bias()  # the adopted factors are kept as they are
 
     # ---- attributes -------------------------------------------------------------------
     @property
@@ -122,8 +192,12 @@ class FactorizedLinear(nn.Module):
         return self.weight.rank
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s scale: rebuilt ``W`` has std ``1/sqrt(3 in)``; bias ``U(±1/sqrt(in))``."""
+        """``nn.Linear``'s scale: rebuilt ``W`` has std ``1/sqrt(3 in)``, bias
+        ``U(±1/sqrt(in))``."""
         self.weight.reset_parameters(1.0 / math.sqrt(3 * self.in_features))
+        self._reset_bias()
+
+    def _reset_bias(self) -> None:
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -282,13 +356,13 @@ class FactorizedLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        rank: Any = "same",
+        rank: RankSpec = "same",
         auto_tensorize: bool = True,
         n_tensorized_modes: int = 3,
         in_tensorized_features: Sequence[int] | None = None,
         out_tensorized_features: Sequence[int] | None = None,
         bias: bool = True,
-        factorization: str = "cp",
+        factorization: FormatName | str = "cp",
         implementation: str = "reconstructed",
         checkpointing: bool = False,
         decomposition_kwargs: dict[str, Any] | None = None,
@@ -297,12 +371,25 @@ class FactorizedLinear(nn.Module):
         """Decompose a dense layer's weight into a new factorized layer.
 
         The decomposition runs in float32 (float64 for float64 sources); the layer has
-        the source's dtype and device. The bias is copied, never shared.
+        the source's dtype and device. The bias is copied, never shared. The relative
+        error of the fitted weight is ``layer.decomposition_error``.
 
         Example:
+            At full ranks the decomposition is exact: ``64 -> 32`` is tensorized as
+            ``(4, 4, 4) -> (4, 4, 2)``, and an int Tucker rank is capped at each mode's size.
+
             >>> dense = nn.Linear(64, 32)
-            >>> layer = FactorizedLinear.from_linear(dense, rank=1.0, factorization="tucker")
-            >>> torch.allclose(layer(torch.ones(64)), dense(torch.ones(64)), atol=1e-4)
+            >>> x = torch.randn(5, 64)
+            >>> full = FactorizedLinear.from_linear(dense, rank=4, factorization="tucker")
+            >>> full.rank
+            (4, 4, 2, 4, 4, 4)
+            >>> torch.allclose(full(x), dense(x), atol=1e-5)
+            True
+
+            Half the parameters keep only part of a random (unstructured) weight:
+
+            >>> half = FactorizedLinear.from_linear(dense, rank=0.5, factorization="tucker")
+            >>> 0.6 < half.decomposition_error < 0.9  # about 0.77
             True
         """
         return cls.from_linear_list(
@@ -335,7 +422,8 @@ class FactorizedLinear(nn.Module):
         if in_modes is None or out_modes is None:
             if not auto_tensorize:
                 raise ShapeError(
-                    "in_tensorized_features and out_tensorized_features are required when auto_tensorize=False"
+                    "in_tensorized_features and out_tensorized_features are required "
+                    "when auto_tensorize=False"
                 )
             auto_in, auto_out = tensorized_shape(in_features, out_features, order)
             in_modes = auto_in if in_modes is None else in_modes
@@ -350,9 +438,9 @@ class FactorizedLinear(nn.Module):
         linear_list: Sequence[nn.Linear],
         in_tensorized_features: Sequence[int],
         out_tensorized_features: Sequence[int],
-        rank: Any,
+        rank: RankSpec,
         bias: bool = True,
-        factorization: str = "cp",
+        factorization: FormatName | str = "cp",
         implementation: str = "reconstructed",
         checkpointing: bool = False,
         decomposition_kwargs: dict[str, Any] | None = None,
@@ -385,11 +473,12 @@ class FactorizedLinear(nn.Module):
             dtype=first.dtype,
         )
         with torch.no_grad():
-            dense = torch.stack([lin.weight.detach() for lin in linear_list])
+            weights: list[Tensor] = [lin.weight.detach() for lin in linear_list]
+            dense = torch.stack(weights)
             dense = dense.reshape(layer.weight.all_modes)
             error = layer.weight.fit_(dense, **(decomposition_kwargs or {}))
             if layer.bias is not None:
-                biases = [
+                biases: list[Tensor] = [
                     lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
                     for lin in linear_list
                 ]
@@ -397,7 +486,8 @@ class FactorizedLinear(nn.Module):
         layer.decomposition_error = error
         if verbose:
             print(
-                f"{layer.factorization} decomposition of {len(linear_list)} layer(s): relative error {error:.3e}"
+                f"{layer.factorization} decomposition of {len(linear_list)} layer(s): "
+                f"relative error {error:.3e}"
             )
         return layer
 
@@ -408,7 +498,8 @@ class FactorizedLinear(nn.Module):
         layers = f", n_layers={self.n_layers}" if self.layer_shape else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"factorization='{self.factorization}', in_tensorized_features={self.in_tensorized_features}, "
+            f"factorization='{self.factorization}', "
+            f"in_tensorized_features={self.in_tensorized_features}, "
             f"out_tensorized_features={self.out_tensorized_features}, rank={self.rank}{layers}, "
             f"weight_parameters={n_params} ({n_params / dense:.1%} of dense), "
             f"implementation='{self.implementation}', bias={self.bias is not None}"
@@ -432,4 +523,7 @@ class SubFactorizedLinear(nn.Module):
         return self.parent.to_linear(self.indices)
 
     def extra_repr(self) -> str:
-        return f"indices={self.indices}, in_features={self.in_features}, out_features={self.out_features}"
+        return (
+            f"indices={self.indices}, in_features={self.in_features}, "
+            f"out_features={self.out_features}"
+        )
