@@ -41,7 +41,8 @@ def tt_dense(cores: list[Tensor]) -> Tensor:
 
 
 def ttm_dense(layer_cores: list[Tensor], cores: list[Tensor]) -> Tensor:
-    """Full tensor ``layer_shape + outs + ins`` of a TT-matrix (4-way cores after 3-way layer cores)."""
+    """Full tensor ``layer_shape + outs + ins`` of a TT-matrix (4-way cores after 3-way
+    layer cores)."""
     merged = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in layer_cores]
     merged += [c.reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in cores]
     full = tt_dense(merged)

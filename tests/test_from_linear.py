@@ -8,8 +8,9 @@ from torch import nn
 
 from tensorfold import FactorizedLinear
 from tensorfold.errors import FactorizationError, ShapeError
+from tensorfold.formats import names
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 
 
 def _low_rank_linear(in_f, out_f, rank, dtype=torch.float64, seed=0):
@@ -27,7 +28,7 @@ def _low_rank_linear(in_f, out_f, rank, dtype=torch.float64, seed=0):
 FULL_RANK = {"tucker": (2, 5, 3, 4), "tt": (2, 10, 4), "ttm": (6,)}
 
 
-@pytest.mark.parametrize("fmt", ["tucker", "tt", "ttm"])
+@pytest.mark.parametrize("fmt", list(FULL_RANK))
 def test_full_rank_recovers_any_weight_exactly(fmt):
     torch.manual_seed(0)
     dense = nn.Linear(12, 10, dtype=torch.float64)
@@ -150,14 +151,16 @@ def test_from_linear_list_rejects_mismatched_layers():
 def test_tensorized_shapes_must_multiply_to_the_features():
     with pytest.raises(
         ShapeError,
-        match=r"in_tensorized_features=\(4, 4, 4\) multiply to 64, but the linear layer has in_features=60",
+        match=r"in_tensorized_features=\(4, 4, 4\) multiply to 64, "
+        r"but the linear layer has in_features=60",
     ):
         FactorizedLinear.from_linear(
             nn.Linear(60, 8), in_tensorized_features=(4, 4, 4), out_tensorized_features=(2, 4)
         )
     with pytest.raises(
         ShapeError,
-        match=r"out_tensorized_features=\(3, 3\) multiply to 9, but the linear layer has out_features=8",
+        match=r"out_tensorized_features=\(3, 3\) multiply to 9, "
+        r"but the linear layer has out_features=8",
     ):
         FactorizedLinear.from_linear(
             nn.Linear(60, 8), in_tensorized_features=(6, 10), out_tensorized_features=(3, 3)

@@ -22,8 +22,9 @@ from hypothesis import strategies as st  # noqa: E402
 from reference import dense_weight  # noqa: E402
 
 from tensorfold import FactorizedLinear, TensorfoldError  # noqa: E402
+from tensorfold.formats import names  # noqa: E402
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 NAMES = {
     "cp": ["cp", "CP", "parafac"],
     "tucker": ["tucker", "Tucker"],

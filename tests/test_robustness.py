@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from tensorfold import DecompositionError, FactorizedLinear, TensorfoldError
+from tensorfold.formats import names
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 IN_MODES, OUT_MODES = (4, 6), (3, 8)  # 24 -> 24
 IN_F, OUT_F = math.prod(IN_MODES), math.prod(OUT_MODES)
 
