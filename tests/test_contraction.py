@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tensorfold
-from tensorfold import contraction, functional
+from tensorfold import choice, cost, runtime, steps
 from tensorfold.contraction import batch_bucket, contraction_plan
 from tensorfold.formats import get_format
 from tensorfold.functional import layer_program, reconstruct_weight
@@ -20,7 +20,7 @@ FORMATS = ["cp", "tucker", "tt", "ttm"]
 def _clear_caches() -> None:
     contraction_plan.cache_clear()
     layer_program.cache_clear()
-    functional._rebuild_plan.cache_clear()
+    choice.rebuild_plan.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_plan_is_cached_not_replanned(monkeypatch: pytest.MonkeyPatch) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(contraction.opt_einsum, "contract_path", counting)
+    monkeypatch.setattr(opt_einsum, "contract_path", counting)
     _clear_caches()
     layer = tensorfold.FactorizedLinear(
         (4, 4), (4, 2), factorization="tt", rank=0.5, implementation="auto"
@@ -101,7 +101,7 @@ def test_reconstruction_bounded_by_weight(fmt: str, in_modes, out_modes, rank) -
     factors = layer.weight.layer_factors(())
     shapes = tuple(tuple(f.shape) for f in factors)
     numel = layer.in_features * layer.out_features
-    p = functional._rebuild_plan(layer.weight.network, shapes, "cpu", 8)
+    p = choice.rebuild_plan(layer.weight.network, shapes, "cpu", 8)
     assert p.largest_intermediate <= numel
     w = reconstruct_weight(factors, layer.weight.network)
     ref = torch.einsum(layer.weight.network.weight_equation(), *factors).reshape(w.shape)
@@ -136,25 +136,25 @@ def test_reoriented_mm_gradients_equal_autograd(b_shape, transposed) -> None:
     a = torch.randn(300, b_shape[0], dtype=torch.float64, generator=g, requires_grad=True)
     base = torch.randn(b_shape[::-1] if transposed else b_shape, dtype=torch.float64, generator=g)
     b = (base.t() if transposed else base).detach().requires_grad_(True)
-    routed = contraction._mm(a, b)
-    assert (routed.grad_fn.name() == "_CpuMMBackward") == (b_shape != (12, 20))
+    routed = runtime.mm(a, b)
+    assert (routed.grad_fn.name() == "CpuMMBackward") == (b_shape != (12, 20))
     torch.testing.assert_close(routed, a @ b, rtol=0, atol=0)
     grad = torch.randn(routed.shape, dtype=torch.float64, generator=g)
     got = torch.autograd.grad(routed, (a, b), grad)
     want = torch.autograd.grad(a @ b, (a, b), grad)
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, y: contraction._CpuMM.apply(x, y), (a[:5], b))
+    assert torch.autograd.gradcheck(lambda x, y: runtime.CpuMM.apply(x, y), (a[:5], b))
 
 
 def test_copy_price_falls_with_contiguous_run() -> None:
-    model = contraction.cost_model("cpu")
+    model = cost.cost_model("cpu")
     gather, lines, unknown = model.copy(4e6, 4), model.copy(4e6, 256), model.copy(4e6)
     assert unknown == gather  # without a run: the flat price, a gather's
     assert lines < 0.2 * gather
     sizes = dict(a=2, b=3, c=4, d=5)
-    assert contraction._contiguous_run("abcd", "bacd", sizes) == 20
-    assert contraction._contiguous_run("abcd", "abdc", sizes) == 1
+    assert steps.contiguous_run("abcd", "bacd", sizes) == 20
+    assert steps.contiguous_run("abcd", "abdc", sizes) == 1
 
 
 @pytest.mark.parametrize("rank", [0.01, 0.1])
@@ -171,11 +171,11 @@ def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
     )
     factors = layer.weight.layer_factors(())
     shapes = tuple(tuple(f.shape) for f in factors)
-    p = functional._rebuild_plan(layer.weight.network, shapes, "cpu", 4)
+    p = choice.rebuild_plan(layer.weight.network, shapes, "cpu", 4)
     assert p.final_perm is None or p.final_perm[-1] == 5
     equation = layer.weight.network.weight_equation()
-    model = contraction.cost_model("cpu")
-    _, flat_perm, _, _, flat_cost = contraction._compile(
+    model = cost.cost_model("cpu")
+    _, flat_perm, _, _, flat_cost = steps.compile_path(
         equation, shapes, list(p.path), model, 4, ""
     )
     assert flat_perm is not None and flat_perm[-1] != 5  # what the flat price chose

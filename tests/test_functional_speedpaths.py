@@ -11,11 +11,11 @@ import torch
 
 import tensorfold
 from tensorfold.functional import (
-    _LeanFactorized,
     choose_implementation,
     factorized_linear,
     layer_program,
 )
+from tensorfold.runtime import LeanFactorized
 
 FORMATS = ["cp", "tucker", "tt", "ttm"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_lean_function_gradcheck(fmt: str) -> None:
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
 
     def lean(x, *f):
-        return _LeanFactorized.apply(prog.forward, False, x, *f)
+        return LeanFactorized.apply(prog.forward, False, x, *f)
 
     assert torch.autograd.gradcheck(lean, (x, *factors))
 
@@ -111,7 +111,7 @@ def test_fused_bias_matches_dense_and_gradchecks(fmt: str, in_modes, out_modes) 
     if prog.forward.fuses_bias:
 
         def lean(x, b, *f):
-            return _LeanFactorized.apply(prog.forward, True, x, *f, b)
+            return LeanFactorized.apply(prog.forward, True, x, *f, b)
 
         assert torch.autograd.gradcheck(lean, (x, bias, *factors))
 
@@ -170,7 +170,12 @@ def test_auto_near_tie_goes_to_the_rebuild() -> None:
 def _cached_layer() -> tensorfold.FactorizedLinear:
     torch.manual_seed(0)
     return tensorfold.FactorizedLinear(
-        (4, 4), (4, 4), factorization="tt", rank=0.5, implementation="reconstructed"
+        (4, 4),
+        (4, 4),
+        factorization="tt",
+        rank=0.5,
+        implementation="reconstructed",
+        cache="weights",
     )
 
 
@@ -179,11 +184,11 @@ def test_weight_cache_reused_in_inference() -> None:
     x = torch.randn(3, 16)
     with torch.no_grad():
         layer(x)
-        w1 = layer._weight_cache[((), "reconstructed")][1]
+        w1 = layer.inference_cache.get((), "reconstructed")
         layer(x)
-        assert layer._weight_cache[((), "reconstructed")][1] is w1
+        assert layer.inference_cache.get((), "reconstructed") is w1
     layer(x)  # training mode with grad: no cache use, and the cache is not refreshed
-    assert layer._weight_cache[((), "reconstructed")][1] is w1
+    assert layer.inference_cache.get((), "reconstructed") is w1
 
 
 def test_weight_cache_invalidated_by_inplace_update() -> None:
@@ -228,7 +233,7 @@ def test_weight_cache_not_in_state_dict_and_deepcopy() -> None:
         y = layer(x)
     assert not any("cache" in k for k in layer.state_dict())
     clone = copy.deepcopy(layer)
-    assert clone._weight_cache == {}
+    assert len(clone.inference_cache) == 0
     with torch.no_grad():
         torch.testing.assert_close(clone(x), y)
         clone.weight.factors[0].zero_()
@@ -239,7 +244,7 @@ def test_frozen_parameters_reuse_weight_with_grad_enabled() -> None:
     layer = _cached_layer().requires_grad_(False)
     x = torch.randn(3, 16, requires_grad=True)
     y = layer(x)
-    assert ((), "reconstructed") in layer._weight_cache
+    assert ((), "reconstructed") in layer.inference_cache
     y.sum().backward()
     assert x.grad is not None
 

@@ -109,7 +109,10 @@ def test_auto_inference_picks_the_split_and_matches_dense() -> None:
     x = torch.randn(32, 1024, dtype=torch.float64)
     with torch.no_grad():
         y = layer(x)
-    assert ((), "split") in layer._weight_cache and ((), "reconstructed") not in layer._weight_cache
+    assert ((), "split") in layer.inference_cache and (
+        (),
+        "reconstructed",
+    ) not in layer.inference_cache
     ref = torch.nn.functional.linear(x, dense_weight(layer), layer.bias)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     # Training does not use (nor refresh) the cache, and still matches.
@@ -127,7 +130,7 @@ def test_split_path_gradient_for_the_input_of_a_frozen_layer() -> None:
     layer = _tt_inference_layer(torch.float64).requires_grad_(False)
     x = torch.randn(32, 1024, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
-    assert ((), "split") in layer._weight_cache
+    assert ((), "split") in layer.inference_cache
 
 
 def test_split_cache_cleared_by_to_and_load_state_dict() -> None:
@@ -140,7 +143,7 @@ def test_split_cache_cleared_by_to_and_load_state_dict() -> None:
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x), other(x))
         layer.to(torch.float64)
-        assert layer._weight_cache == {}
+        assert len(layer.inference_cache) == 0
         y = layer(x.double())
     assert y.dtype == torch.float64
 

@@ -7,21 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..choice import choose, layer_program
 from ..contraction import batch_bucket
 from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
 from ..formats import FactorizedTensor, FormatName, RankSpec, get_format, names
-from ..functional import (
-    check_implementation,
-    choose_implementation,
-    factorized_linear,
-    reconstruct_weight,
-    split_weight,
-)
+from ..functional import Implementation, check_implementation, factorized_linear
 from ..shapes import check_modes, tensorized_shape
+from .cache import CachePolicy, Explanation, InferenceCache, check_cache
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
 
@@ -104,6 +99,10 @@ class FactorizedLinear(nn.Module):
         n_layers: int or tuple; leading layer modes of the shared tensor.
         checkpointing: recompute the forward in backward (non-reentrant) to save memory.
         device, dtype: factory arguments.
+        cache: what inference may keep between calls (:mod:`tensorfold.nn.cache`):
+            ``'split'`` (default: the thin split pair, only where parameters plus pair
+            stay below the dense weight), ``'none'``, ``'weights'`` (also the dense
+            ``W``) or an int byte budget per layer index; settable, shown in the repr.
 
     Shape:
         ``(*, in_features) -> (*, out_features)``.
@@ -137,7 +136,9 @@ class FactorizedLinear(nn.Module):
         checkpointing: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cache: CachePolicy = "split",
     ) -> None:
+        cache = check_cache(cache)
         in_modes = check_modes(in_tensorized_features, "in_tensorized_features")
         out_modes = check_modes(out_tensorized_features, "out_tensorized_features")
         adopted = factorization if isinstance(factorization, FactorizedTensor) else None
@@ -159,8 +160,10 @@ class FactorizedLinear(nn.Module):
         self.out_features = math.prod(out_modes)
         self.layer_shape = layer_shape
         self.n_layers = n_layers if isinstance(n_layers, int) else layer_shape
-        self.implementation = implementation
+        self.implementation: Implementation = implementation
         self.checkpointing = bool(checkpointing)
+        self.inference_cache = InferenceCache()
+        self.cache = cache
         if adopted is None:
             self.weight: FactorizedTensor = fmt(
                 out_modes, in_modes, rank, layer_shape, device=device, dtype=dtype
@@ -217,7 +220,8 @@ class FactorizedLinear(nn.Module):
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
         ):
             raise LayerIndexError(
-                f"indices={indices!r} must be {len(self.layer_shape)} int(s) for n_layers={self.n_layers}"
+                f"indices={indices!r} must be {len(self.layer_shape)} int(s) "
+                f"for n_layers={self.n_layers}"
             )
         for i, n in zip(idx, self.layer_shape, strict=False):
             if not 0 <= i < n:
@@ -231,7 +235,8 @@ class FactorizedLinear(nn.Module):
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             width = x.shape[-1] if x.ndim else "a scalar"
             raise ShapeError(
-                f"input has last dimension {width}, but the layer has in_features={self.in_features}"
+                f"input has last dimension {width}, "
+                f"but the layer has in_features={self.in_features}"
             )
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
         if self.checkpointing and torch.is_grad_enabled() and self.implementation != "factorized":
@@ -240,74 +245,118 @@ class FactorizedLinear(nn.Module):
         return self._forward(x, idx, bias)
 
     def _forward(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor:
-        implementation = self.implementation
-        if implementation != "factorized" and self._may_reuse_weight():
-            y = self._forward_reusing_weight(x, idx, bias)
-            if y is not None:
-                return y
-            implementation = "factorized"
+        if self.implementation != "factorized" and self._inference():
+            return self.inference_cache.forward(self, x, idx, bias)
         factors = self.weight.layer_factors(idx)
         return factorized_linear(
-            x, factors, self.weight.network, bias, implementation, lean_backward=self.checkpointing
+            x,
+            factors,
+            self.weight.network,
+            bias,
+            self.implementation,
+            lean_backward=self.checkpointing,
         )
 
-    # ---- inference weight cache ---------------------------------------------------------
-    # In inference rebuilt operands (the weight, or 'auto''s thin split pair) are reused
-    # while the factors are unchanged: the key holds each factor's version counter (bumped
-    # by every in-place update, optimiser steps and load_state_dict included) and storage
-    # address; _apply (.to(), .half(), .cuda(), ...) and load_state_dict clear it. Not a
-    # buffer: never in state_dict, and dropped on copy/pickle. Bypassed under
-    # torch.compile (traced code rebuilds).
-    def _may_reuse_weight(self) -> bool:
-        if torch.compiler.is_compiling():
+    def _inference(self) -> bool:
+        """Whether no gradient reaches the factors, so rebuilt operands may be reused."""
+        if torch.compiler.is_compiling():  # traced code rebuilds
             return False
         if not torch.is_grad_enabled():
             return True
-        return not any(p.requires_grad for p in self.weight.factors._parameters.values())  # type: ignore[union-attr]
+        return not any(p.requires_grad for p in self.weight.factors.parameters())
 
-    def _forward_reusing_weight(
-        self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None
-    ) -> Tensor | None:
-        """The forward with cached operands, or None where 'auto' prefers the factorized path."""
-        choice = "reconstructed"
-        if self.implementation == "auto":
-            choices = self.__dict__.setdefault("_choice_cache", {})
-            bucket = batch_bucket(x.numel() // self.in_features)
-            choice = choices.get(bucket)
-            if choice is None:
-                choice = choose_implementation(
-                    self.weight.layer_factors(idx), self.weight.network, bucket, reuse_weight=True
-                )
-                choices[bucket] = choice
-            if choice == "factorized":
-                return None
-        if choice == "split":
-            down, up = self._cached_operands(idx, "split")
-            return F.linear(F.linear(x, down), up, bias)
-        return F.linear(x, self._cached_operands(idx, "reconstructed"), bias)
+    # ---- inference cache (tensorfold.nn.cache) ------------------------------------------
+    @property
+    def cache(self) -> CachePolicy:
+        """What inference may keep: ``'none'``, ``'split'``, ``'weights'`` or a byte budget."""
+        return self.__dict__["_cache_policy"]
 
-    def _cached_operands(self, idx: tuple[int, ...], kind: str) -> Any:
-        """The rebuilt weight (``kind='reconstructed'``) or ``(down, up)`` (``'split'``)."""
-        cache = self.__dict__.setdefault("_weight_cache", {})
-        key = tuple([(p._version, p.data_ptr()) for p in self.weight.factors._parameters.values()])
-        hit = cache.get((idx, kind))
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        if cache and next(iter(cache.values()))[0] != key:
-            cache.clear()  # the factors changed: every layer's entry is stale
-        with torch.no_grad():
-            factors = self.weight.layer_factors(idx)
-            if kind == "split":
-                value: Any = split_weight(factors, self.weight.network)
-            else:
-                value = reconstruct_weight(factors, self.weight.network)
-        cache[(idx, kind)] = (key, value)
-        return value
+    @cache.setter
+    def cache(self, value: CachePolicy) -> None:
+        self.__dict__["_cache_policy"] = check_cache(value)
+        self.clear_weight_cache()
+
+    def cached_bytes(self) -> int:
+        """Bytes the inference cache holds beyond the parameters (a view of a factor: 0)."""
+        params = {p.untyped_storage().data_ptr() for p in self.parameters()}
+        return self.inference_cache.nbytes(params)
 
     def clear_weight_cache(self) -> None:
-        """Drop the rebuilt weights and split pairs kept for inference (rebuilt on demand)."""
-        self.__dict__["_weight_cache"] = {}
-        self.__dict__["_choice_cache"] = {}
+        """Drop the rebuilt weights, split pairs and choices kept for inference."""
+        if "inference_cache" in self.__dict__:
+            self.inference_cache.clear()
+
+    def explain(self, x_or_rows: Tensor | int, indices: LayerIndex = 0) -> Explanation:
+        """Why this layer runs the path it runs for a batch (``x`` or a row count).
+
+        The answer is the one ``forward`` uses in the current grad mode: in inference it
+        is decided (and kept) exactly as a forward of that batch would, timing the two
+        paths where the cost model's answer is contested. ``str()`` prints the paths,
+        their predicted seconds, the margin rule, the choice and the cache's bytes.
+
+        Example:
+            >>> layer = FactorizedLinear((4, 4), (4, 4), factorization="tt", rank=0.5,
+            ...                          implementation="auto")
+            >>> with torch.no_grad():
+            ...     why = layer.explain(8)
+            >>> why.path in ("factorized", "split", "reconstructed")
+            True
+        """
+        idx = self._indices(indices)
+        if isinstance(x_or_rows, Tensor):
+            x = x_or_rows
+        else:
+            factory = next(iter(self.weight.parameters()))
+            x = torch.zeros(
+                int(x_or_rows), self.in_features, dtype=factory.dtype, device=factory.device
+            )
+        rows = x.numel() // self.in_features
+        factors = self.weight.layer_factors(idx)
+        bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
+        inference = self.implementation != "factorized" and self._inference()
+        policy = self.cache
+        if inference:
+            with torch.no_grad():
+                state = self.inference_cache.state(self, x.detach(), idx, bias)
+            program, cacheable, path = state.program, state.cacheable, state.decision.path
+            auto = self.implementation == "auto"
+            choice = state.decision.model if auto else None
+            measured = state.decision.measured
+        else:
+            f0 = factors[0]
+            shapes = tuple(tuple(f.shape) for f in factors)
+            program = layer_program(
+                self.weight.network, shapes, batch_bucket(rows), f0.device.type, f0.element_size()
+            )
+            cacheable = frozenset()
+            grad = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+            choice = choose(program, cacheable, grad) if self.implementation == "auto" else None
+            path = choice.path if choice is not None else self.implementation
+            measured = None
+        keeps = {"split": "split", "reconstructed": "weight"}.get(path)
+        operand = 0
+        if inference and keeps in cacheable:
+            params = {p.untyped_storage().data_ptr() for p in self.parameters()}
+            kept = self.inference_cache.get(idx, path)
+            if kept is not None:
+                for t in kept if isinstance(kept, tuple) else (kept,):
+                    if t.untyped_storage().data_ptr() not in params:
+                        operand += t.untyped_storage().nbytes()
+        return Explanation(
+            self.extra_repr(),
+            rows,
+            program.rows,
+            "inference" if self._inference() else "training",
+            self.implementation,
+            policy,
+            cacheable,
+            choice,
+            measured,
+            path,
+            operand,
+            self.cached_bytes(),
+            program,
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self.clear_weight_cache()
@@ -319,8 +368,7 @@ class FactorizedLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state["_weight_cache"] = {}
-        state["_choice_cache"] = {}
+        state["inference_cache"] = InferenceCache()
         return state
 
     # ---- layers of a joint tensor -----------------------------------------------------
@@ -502,7 +550,8 @@ class FactorizedLinear(nn.Module):
             f"in_tensorized_features={self.in_tensorized_features}, "
             f"out_tensorized_features={self.out_tensorized_features}, rank={self.rank}{layers}, "
             f"weight_parameters={n_params} ({n_params / dense:.1%} of dense), "
-            f"implementation='{self.implementation}', bias={self.bias is not None}"
+            f"implementation='{self.implementation}', cache={self.cache!r}, "
+            f"bias={self.bias is not None}"
         )
 
 
