@@ -20,6 +20,7 @@ from .errors import (
     TensorfoldError,
 )
 from .formats import FactorizedTensor, get_format
+from .memory import memory_report
 from .nn import FactorizedLinear, SubFactorizedLinear
 from .shapes import tensorized_shape
 
@@ -32,6 +33,7 @@ __all__ = [
     "get_format",
     "tensorized_shape",
     "functional",
+    "memory_report",
     "plan",
     "tensorize",
     "revert",
