@@ -93,7 +93,7 @@ class Explanation:
             implementation is fixed and nothing is chosen).
         measured: the timed paths where the model's answer was contested, else None.
         path: what ``forward`` runs for this batch.
-        operand_bytes: bytes the path keeps for this layer index (0: none kept).
+        operand_bytes: bytes the path keeps for this layer index once it ran (0: none).
         cached_bytes: what the layer's cache holds now, all indices.
         program: the layer's :class:`~tensorfold.choice.LayerProgram` (plans and prices).
     """

@@ -334,14 +334,12 @@ class FactorizedLinear(nn.Module):
             path = choice.path if choice is not None else self.implementation
             measured = None
         keeps = {"split": "split", "reconstructed": "weight"}.get(path)
-        operand = 0
+        operand = 0  # what the path keeps for this index once it has run
         if inference and keeps in cacheable:
-            params = {p.untyped_storage().data_ptr() for p in self.parameters()}
-            kept = self.inference_cache.get(idx, path)
-            if kept is not None:
-                for t in kept if isinstance(kept, tuple) else (kept,):
-                    if t.untyped_storage().data_ptr() not in params:
-                        operand += t.untyped_storage().nbytes()
+            if path == "split" and program.split is not None:
+                operand = program.split.built_bytes(factors)
+            else:
+                operand = self.in_features * self.out_features * factors[0].element_size()
         return Explanation(
             self.extra_repr(),
             rows,
