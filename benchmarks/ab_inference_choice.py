@@ -3,8 +3,10 @@
     python benchmarks/ab_inference_choice.py [--shapes 1024x1024,...] [--rows 32,1024,2048]
                                              [--formats cp,tucker,tt] [--repeats 7]
 
-With parameters that do not change, 'auto' picks one of three paths from the cost model
-(``functional.layer_program(...).choice_cached``):
+With parameters that do not change, 'auto' picks one of three paths: the cost model's
+answer (``tensorfold.choice.choose`` with the operands ``--cache`` keeps; default
+``'weights'``, which keeps both), timed by the layer at first use where contested
+(``FactorizedLinear.explain``):
 
 * ``factorized``: the planned contraction of ``x`` with the factors;
 * ``split``: two thin GEMMs with a cached pair, ``W = up @ down`` at the narrowest cut;
@@ -13,8 +15,9 @@ With parameters that do not change, 'auto' picks one of three paths from the cos
 This times all three (functional calls, operands built beforehand) for every layer that
 has a split (CP, Tucker, TT; TT-matrix has none), interleaved in a random order, with
 64 MB written before every call as in ``bench_linear.py``; medians of ``--repeats``
-alternations x 3 calls. It prints each path's time relative to the dense GEMM, the pick,
-and the pick's time relative to the fastest of the three (1.00 = the right choice).
+alternations x 3 calls. It prints each path's time relative to the dense GEMM, the cost
+model's pick, what the layer runs, and that path's time relative to the fastest of the
+three (1.00 = the right choice).
 """
 
 from __future__ import annotations
@@ -28,9 +31,18 @@ import torch
 import torch.nn.functional as F
 
 import tensorfold
-from tensorfold.functional import factorized_linear, layer_program, reconstruct_weight, split_weight
+from tensorfold.functional import factorized_linear, reconstruct_weight, split_weight
 
 PATHS = ("factorized", "split", "reconstructed")
+
+
+def _runs(x, factors, net, bias, down, up, weight) -> dict:
+    """The three paths as calls, with every operand built beforehand."""
+    return {
+        "factorized": lambda: factorized_linear(x, factors, net, bias, "factorized"),
+        "split": lambda: F.linear(F.linear(x, down), up, bias),
+        "reconstructed": lambda: F.linear(x, weight, bias),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fractions", default="0.01,0.1")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default="weights", help="the layers' cache policy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         2**24
     )  # 64 MB, written before every call; also lifts glibc's mmap threshold
     print(
-        "| shape | rows | format | frac | rank | dense ms | factorized | split | reconstructed | pick | pick/best |"
+        "| shape | rows | format | frac | rank | dense ms | factorized | split | reconstructed "
+        "| model pick | pick | pick/best |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = []
     for shape in args.shapes.split(","):
         in_f, out_f = (int(v) for v in shape.split("x"))
@@ -58,7 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         for fmt in args.formats.split(","):
             for frac in (float(v) for v in args.fractions.split(",")):
                 layer = tensorfold.FactorizedLinear(
-                    in_modes, out_modes, factorization=fmt, rank=frac
+                    in_modes,
+                    out_modes,
+                    factorization=fmt,
+                    rank=frac,
+                    implementation="auto",
+                    cache=int(args.cache) if args.cache.isdigit() else args.cache,
                 )
                 net, bias = layer.weight.network, layer.bias.detach()
                 factors = [f.detach() for f in layer.weight.layer_factors(())]
@@ -69,14 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 down, up = split_weight(factors, net)
                 for rows in (int(v) for v in args.rows.split(",")):
                     x = torch.randn(rows, in_f)
-                    program = layer_program(net, tuple(tuple(f.shape) for f in factors), rows)
-                    runs = {
-                        "factorized": lambda: factorized_linear(
-                            x, factors, net, bias, "factorized"
-                        ),
-                        "split": lambda: F.linear(F.linear(x, down), up, bias),
-                        "reconstructed": lambda: F.linear(x, weight, bias),
-                    }
+                    runs = _runs(x, factors, net, bias, down, up, weight)
                     times: dict[str, list[float]] = {p: [] for p in PATHS}
                     with torch.no_grad():
                         for fn in runs.values():
@@ -91,12 +103,15 @@ def main(argv: list[str] | None = None) -> None:
                     med = {p: statistics.median(v) for p, v in times.items()}
                     dense = med["reconstructed"]
                     best = min(med.values())
-                    pick = program.choice_cached
+                    with torch.no_grad():
+                        why = layer.explain(x)
+                    pick, model_pick = why.path, why.choice.path
+                    rank = why.program.split.rank
                     worst.append(med[pick] / best)
                     print(
-                        f"| {shape} | {rows} | {fmt} | {frac:g} | {program.split.rank} | {dense * 1e3:.3g} | "
+                        f"| {shape} | {rows} | {fmt} | {frac:g} | {rank} | {dense * 1e3:.3g} | "
                         + " | ".join(f"{med[p] / dense:.3f}" for p in PATHS)
-                        + f" | {pick} | {med[pick] / best:.2f} |",
+                        + f" | {model_pick} | {pick} | {med[pick] / best:.2f} |",
                         flush=True,
                     )
     print(

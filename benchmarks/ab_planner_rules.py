@@ -32,12 +32,12 @@ from collections.abc import Callable
 import torch
 
 import tensorfold
-from tensorfold import contraction, functional
+from tensorfold import choice, functional, paths, steps
 
 FORMATS = ("cp", "tucker", "tt", "ttm")
 FRACTIONS = (0.01, 0.1)
-_COMPILE = contraction._compile
-_BROADCAST_SPLIT = contraction._broadcast_split
+_COMPILE = steps.compile_path
+_BROADCAST_SPLIT = steps.broadcast_split
 
 
 def _flat_layout(*args, layout_by_run: bool = False, **kwargs):  # noqa: ARG001 - the old rule
@@ -48,20 +48,21 @@ def use(rule: str, variant: str) -> None:
     """Install the new (as shipped) or old behaviour of ``rule`` and drop cached plans."""
     new = variant == "new"
     if rule == "rebuild-layout":
-        contraction._compile = _COMPILE if new else _flat_layout
+        steps.compile_path = _COMPILE if new else _flat_layout
     else:
-        contraction._broadcast_split = _BROADCAST_SPLIT if new else (lambda *a, **k: None)
-    contraction.contraction_plan.cache_clear()
-    functional._rebuild_plan.cache_clear()
-    functional.layer_program.cache_clear()
+        steps.broadcast_split = _BROADCAST_SPLIT if new else (lambda *a, **k: None)
+    paths.contraction_plan.cache_clear()
+    choice.rebuild_plan.cache_clear()
+    choice.split_program.cache_clear()
+    choice.layer_program.cache_clear()
 
 
 def _plan_key(rule: str, layer: tensorfold.FactorizedLinear, rows: int) -> object:
     factors = layer.weight.layer_factors(())
     shapes = tuple(tuple(f.shape) for f in factors)
     if rule == "rebuild-layout":
-        return functional._rebuild_plan(layer.weight.network, shapes, "cpu", 4).final_perm
-    return functional.layer_program(layer.weight.network, shapes, rows).forward.steps
+        return choice.rebuild_plan(layer.weight.network, shapes, "cpu", 4).final_perm
+    return choice.layer_program(layer.weight.network, shapes, rows).forward.steps
 
 
 def changed(rule: str) -> list[tuple[int, int, str, float, int]]:
