@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tensorfold.convert.corpus import english_sentences
 from tensorfold.pretrained import other_text
+from tensorfold.pretrained.corpus import english_sentences
 from tensorfold.pretrained.other_text import other_source_documents, other_source_sentences
 
 ALPHA = re.compile(r"^[(\"“]?[A-Za-z][A-Za-z'’-]*[,.;:!?\"”)]*$")

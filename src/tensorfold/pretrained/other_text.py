@@ -1,6 +1,6 @@
 """English text from a source other than the Python documentation, for held-out evaluation.
 
-The calibration corpus (:mod:`tensorfold.convert.corpus`) is built from the Python
+The calibration corpus (:mod:`tensorfold.pretrained.corpus`) is built from the Python
 documentation. To measure how a compressed language model does on *different* English,
 this module collects prose from three other places found on a Debian machine with Python
 installed, read in this order (a missing source is skipped; the others still count):
@@ -18,7 +18,7 @@ installed, read in this order (a missing source is skipped; the others still cou
    reduced to their text.
 
 Every text goes through the same cleaning as the calibration corpus
-(:func:`tensorfold.convert.corpus._clean`: paragraphs holding code or list markup are
+(:func:`tensorfold.pretrained.corpus._clean`: paragraphs holding code or list markup are
 dropped; a sentence has 8 to 40 words, starts with a capital letter, ends with ``.``, ``!``
 or ``?``, has no code-like characters and is mostly alphabetic words), then through a
 stricter filter for what licenses and package descriptions add: no e-mail addresses, URLs,
@@ -28,7 +28,7 @@ hyphens, punctuation around them), and no sentence that ends on a single charact
 abbreviation (``e.g.``, ``Inc.``), which is where the splitter cut too early.
 
 A sentence is kept once (compared ignoring case), the first time it is met in the order
-above, and never if it is also one of :func:`tensorfold.convert.corpus.english_sentences`.
+above, and never if it is also one of :func:`tensorfold.pretrained.corpus.english_sentences`.
 Nothing is downloaded. What is found depends on the installed Debian and Python packages;
 results are cached for the life of the process.
 """
@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from tensorfold.convert.corpus import _clean, english_sentences
+from tensorfold.pretrained.corpus import _clean, english_sentences
 
 __all__ = ["other_source_sentences", "other_source_documents"]
 
@@ -200,7 +200,7 @@ def other_source_sentences(n: int | None = None) -> list[str]:
 
     Returns:
         Sentences sorted by a hash of their text, so that any prefix is a mix of all the
-        sources. None of them is in :func:`tensorfold.convert.corpus.english_sentences`.
+        sources. None of them is in :func:`tensorfold.pretrained.corpus.english_sentences`.
 
     Raises:
         ValueError: ``n`` is negative or larger than the number of sentences found.
