@@ -22,6 +22,7 @@ from .errors import (
 from .formats import FactorizedTensor, get_format
 from .memory import memory_report
 from .nn import FactorizedLinear, SubFactorizedLinear
+from .pretrained import from_pretrained
 from .shapes import tensorized_shape
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "distill",
     "save",
     "load",
+    "from_pretrained",
     "TensorfoldError",
     "ShapeError",
     "RankError",

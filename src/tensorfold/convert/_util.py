@@ -13,7 +13,7 @@ from ..errors import ConversionError
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-# Keys tried, in order, when a model returns a mapping (Hugging Face outputs, sentence-transformers).
+# Keys tried, in order, when a model returns a mapping (Hugging Face, sentence-transformers).
 _OUTPUT_KEYS = ("sentence_embedding", "last_hidden_state", "logits", "token_embeddings")
 
 
@@ -41,7 +41,9 @@ def _takes_mapping(model: nn.Module, keys: Iterable[str]) -> bool:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # a builtin or C forward: keep the single-argument call
         return True
-    first = next((p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    first = next(
+        (p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None
+    )
     return first is not None and first.default is first.empty and first.name not in set(keys)
 
 
@@ -111,7 +113,9 @@ def linear_view(module: nn.Module) -> nn.Linear:
     if type(module) is nn.Linear:
         return module
     if not is_conv1d(module):
-        raise ConversionError(f"{type(module).__name__} is not a linear layer tensorfold can convert")
+        raise ConversionError(
+            f"{type(module).__name__} is not a linear layer tensorfold can convert"
+        )
     w = module.weight
     view = nn.Linear(w.shape[0], w.shape[1], bias=False, device="meta")
     view.weight = nn.Parameter(w.detach().T, requires_grad=False)

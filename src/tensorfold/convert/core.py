@@ -117,7 +117,8 @@ class ConversionPlan:
 
     def __str__(self) -> str:
         head = (
-            f"tensorfold plan: {len(self.layers)} linear layers, factorization={self.factorization!r}, "
+            f"tensorfold plan: {len(self.layers)} linear layers, "
+            f"factorization={self.factorization!r}, "
             f"budget={self.budget}, data-aware={self.data_aware}"
         )
         body = _table(
@@ -153,7 +154,7 @@ class ConversionReport(ConversionPlan):
 
 
 # ---- argument checks -----------------------------------------------------------------------
-def _check_budget(budget: object) -> float | None:
+def check_budget(budget: object) -> float | None:
     if budget is None:
         return None
     if (
@@ -168,7 +169,7 @@ def _check_budget(budget: object) -> float | None:
     return float(budget)
 
 
-def _check_factorization(factorization: object) -> str:
+def check_factorization(factorization: object) -> str:
     if not isinstance(factorization, str):
         raise ConversionError(f"factorization={factorization!r} must be one of {FORMATS} or 'auto'")
     if factorization.lower() == "auto":
@@ -381,13 +382,14 @@ def plan(
 
     Example:
         >>> import torch, tensorfold
-        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
         >>> p = tensorfold.plan(net, budget=0.5, targets="0")
         >>> [lp.name for lp in p.layers], round(p.kept, 1)
         (['0'], 0.5)
     """
-    budget = _check_budget(budget)
-    fmt = _check_factorization(factorization)
+    budget = check_budget(budget)
+    fmt = check_factorization(factorization)
     if allocation not in ("global", "uniform"):
         raise ConversionError(f"allocation={allocation!r} must be 'global' or 'uniform'")
     if budget is None and rank is None:
@@ -496,7 +498,8 @@ def plan(
     if abs(total - budget * result.params_before) > 0.02 * budget * result.params_before:
         raise ConversionError(
             f"cannot meet budget={budget} within 2%: the formats resolve to {total:,} of "
-            f"{result.params_before:,} parameters ({result.kept:.3f}); try another factorization or budget"
+            f"{result.params_before:,} parameters ({result.kept:.3f}); "
+            "try another factorization or budget"
         )
     return result
 
@@ -646,7 +649,8 @@ def tensorize(
 
     Example:
         >>> import torch, tensorfold
-        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
         >>> report = tensorfold.tensorize(net, budget=0.5, progress=False)
         >>> type(net[0]).__name__
         'FactorizedLinear'

@@ -8,7 +8,6 @@ more sample-efficient than the final output alone.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import math
 import time
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import ForwardFn, as_batches, call_model, output_tensor
+from ._util import ForwardFn, as_batches, call_model, match_names, output_tensor
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
 
@@ -113,6 +112,7 @@ def distill(
     weight_decay: float = 0.0,
     max_seconds: float | None = None,
     cache_teacher: bool = False,
+    losses: list[float] | None = None,
 ) -> list[float]:
     """Train ``student`` for ``steps`` AdamW steps to reproduce ``teacher``.
 
@@ -142,6 +142,9 @@ def distill(
         cache_teacher: keep the teacher's outputs (and matched features) of every batch
             after its first pass, so later passes skip the teacher's forward. Costs the
             memory of those outputs; worth it when ``steps`` exceeds the number of batches.
+        losses: a list to append each step's loss to as training goes (so a caller that
+            catches ``KeyboardInterrupt`` knows how many steps were done); the default is
+            a new list.
 
     Returns:
         The loss at every step.
@@ -160,12 +163,7 @@ def distill(
         )
     names: list[str] = []
     if features is not None:
-        pats = [features] if isinstance(features, str) else list(features)
-        names = [
-            n
-            for n, _ in student.named_modules()
-            if n and any(fnmatch.fnmatchcase(n, p) for p in pats)
-        ]
+        names = match_names(student, features, "features")
         if not names:
             raise ConversionError(f"features={features!r} matches no module of the student")
     loss_fn = loss_fn or (lambda s, t, b: relative_mse(output_fn(s), output_fn(t)))
@@ -194,7 +192,7 @@ def distill(
             cached[i] = (out, feat)
         return out, feat
 
-    losses: list[float] = []
+    losses = [] if losses is None else losses
     start = time.perf_counter()
     try:
         with torch.enable_grad():

@@ -196,6 +196,8 @@ def _refine(
     with torch.no_grad():
         err = problem.error(reconstruct_weight([p.detach() for p in params], weight.network))
     if math.isfinite(err) and err < start_err:
-        weight._copy_factors_([p.detach().to(o.dtype) for p, o in zip(params, original, strict=False)])
+        weight._copy_factors_(
+            [p.detach().to(o.dtype) for p, o in zip(params, original, strict=False)]
+        )
         return err
     return start_err

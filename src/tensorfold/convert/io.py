@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from ..errors import ConversionError, TensorfoldError
 from ..files import replacing
 from ..nn import FactorizedLinear
-from ._util import set_module
+from ._util import is_linear, linear_view, set_module
 
 __all__ = ["save", "load"]
 
 _MAGIC = "tensorfold"
+WEIGHTS_NAME = "model.safetensors"  # the weights file inside an output directory
 _VERSION = 1
 
 
@@ -124,6 +125,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save` into ``model`` (the original architecture).
 
+    ``path`` may also be a directory written by ``tensorfold compress`` (its
+    ``model.safetensors`` is read); :func:`tensorfold.from_pretrained` rebuilds the model
+    from such a directory without one.
+
     Every recorded layer is rebuilt as a ``FactorizedLinear`` with exactly the saved shapes
     and ranks, then all weights are loaded. The whole file and record are checked against
     the model first: a truncated or mismatched file raises :class:`ConversionError` and the
@@ -133,6 +138,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         ``model``, converted and loaded in place.
     """
     path = Path(path)
+    if path.is_dir():  # a directory written by ``tensorfold compress``
+        path = path / WEIGHTS_NAME
     record, tensors = _read(path)
     replacements: dict[str, nn.Module] = {}
     for entry in record.get("layers", []):
@@ -156,18 +163,21 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             raise ConversionError(
                 f"{str(path)!r}: invalid record for module {name!r}: {exc}"
             ) from exc
-        ref = current.weight if isinstance(current, nn.Linear) else None
         if isinstance(current, FactorizedLinear):
             ref = current.bias if current.bias is not None else next(current.parameters())
-        elif not isinstance(current, nn.Linear):
+            shape = (current.in_features, current.out_features)
+        elif is_linear(current):
+            view = linear_view(current)
+            ref, shape = view.weight, (view.in_features, view.out_features)
+        else:
             raise ConversionError(
                 f"{str(path)!r} records {name!r} as a linear layer, but the model has "
                 f"{type(current).__name__} there"
             )
-        if (current.in_features, current.out_features) != (layer.in_features, layer.out_features):
+        if shape != (layer.in_features, layer.out_features):
             raise ConversionError(
-                f"{str(path)!r} records {name!r} as {layer.in_features} -> {layer.out_features}, but the model's "
-                f"module is {current.in_features} -> {current.out_features}"
+                f"{str(path)!r} records {name!r} as {layer.in_features} -> "
+                f"{layer.out_features}, but the model's module is {shape[0]} -> {shape[1]}"
             )
         replacements[name] = layer.to(
             device=ref.device if ref is not None else None,

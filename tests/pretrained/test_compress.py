@@ -1,0 +1,356 @@
+"""Compressing Hugging Face models end to end: every kind, the checkpoint, the errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tensorfold
+from tensorfold import cli
+from tensorfold.convert._util import call_model, is_conv1d
+from tensorfold.pretrained import CompressConfig, compress, from_pretrained, models
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL = dict(
+    seq_len=16, calibration_samples=8, evaluation_samples=4, distill_steps=3, progress=False
+)
+
+
+def _config(model_dir: Path, out: Path | None, data: Path, **kw: object) -> CompressConfig:
+    return CompressConfig(
+        model_dir=str(model_dir),
+        out=None if out is None else str(out),
+        data=str(data),
+        **{**SMALL, **kw},
+    )  # type: ignore[arg-type]
+
+
+def _probe(kind: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
+    ids = torch.randint(5, 200, (2, 12), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "bert", "vit"])
+def test_compress_save_and_from_pretrained_round_trip(
+    kind: str,
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    image_folder: Path,
+    tmp_path: Path,
+) -> None:
+    data = image_folder if kind == "vit" else text_file
+    result = compress(_config(tiny_model(kind), tmp_path / "out", data), print_fn=lambda s: None)
+    assert abs(result.report.kept - 0.5) <= 0.02
+    assert result.reload_verified
+    out = tmp_path / "out"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tensorfold.json",
+        "report.txt",
+        "report.json",
+        "report.png",
+    ):
+        assert (out / name).is_file(), name
+    loaded = from_pretrained(out)
+    assert not any(
+        is_conv1d(m) or type(m) is nn.Linear and "layer" in n
+        for n, m in loaded.named_modules()
+        if ".h." in n or "layers." in n
+    )
+    batch = _probe(kind)
+    for (name, a), b in zip(
+        loaded.state_dict().items(), result.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(_out(loaded, batch), _out(result.student, batch))
+    assert (out / "report.png").stat().st_size > 1000
+    assert "tensorfold report" in (out / "report.txt").read_text()
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["counts"]["calibration"] == 8 and summary["counts"]["evaluation"] == 4
+    held = summary["after"]["held-out"]
+    assert ("perplexity_ratio" in held) == (kind in ("gpt2", "llama", "qwen2"))
+    # The original layers' parameter count is what the plan says it was.
+    original = models.load(tiny_model(kind)).model
+    names = [lp.name for lp in result.report.layers]
+    assert all(
+        n.startswith(("transformer.h.", "model.layers.", "encoder.layer.", "layers."))
+        for n in names
+    )
+    assert sum(lp.params_before for lp in result.report.layers) == sum(
+        original.get_submodule(n).weight.numel() for n in names
+    )
+
+
+def test_gpt2_conv1d_is_planned_and_lm_head_is_not(tiny_model: Callable[[str], Path]) -> None:
+    model = models.load(tiny_model("gpt2")).model
+    plan = tensorfold.plan(model, budget=0.5)
+    names = [lp.name for lp in plan.layers]
+    assert len(names) == 8 and "lm_head" not in names
+    assert all(is_conv1d(model.get_submodule(n)) for n in names)
+    # Named explicitly, the head is converted too.
+    assert [lp.name for lp in tensorfold.plan(model, budget=0.5, targets="lm_head").layers] == [
+        "lm_head"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "vit"])
+def test_full_rank_tensorize_matches_the_original(
+    kind: str, tiny_model: Callable[[str], Path]
+) -> None:
+    """Exact ranks (the full matrix rank) reproduce the model to float tolerance, with
+    tokenizer-style dict batches passed as keywords."""
+    model = models.load(tiny_model(kind)).model.double()
+    batches = [_probe(kind) for _ in range(2)]
+    batches = [
+        {k: v.double() if v.is_floating_point() else v for k, v in b.items()} for b in batches
+    ]
+    ref = _out(model, batches[0])
+    tensorfold.tensorize(
+        model, budget=None, rank=10_000, factorization="tt", calibration=batches, progress=False
+    )
+    assert any(isinstance(m, tensorfold.FactorizedLinear) for m in model.modules())
+    torch.testing.assert_close(_out(model, batches[0]), ref, rtol=1e-7, atol=1e-8)
+
+
+def test_load_accepts_the_output_directory(
+    tiny_model: Callable[[str], Path], text_file: Path, tmp_path: Path
+) -> None:
+    result = compress(
+        _config(tiny_model("llama"), tmp_path / "out", text_file), print_fn=lambda s: None
+    )
+    fresh = models.load(tiny_model("llama")).model
+    tensorfold.load(tmp_path / "out", fresh)
+    batch = _probe("llama")
+    torch.testing.assert_close(_out(fresh, batch), _out(result.student, batch))
+
+
+def test_call_model_passes_mappings_the_way_each_model_takes_them() -> None:
+    class TakesMapping(nn.Module):
+        def forward(self, input: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: A002
+            return input["x"] * 2
+
+    class TakesKeywords(nn.Module):
+        def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+            assert x is not None
+            return x * 3
+
+    x = torch.ones(2)
+    assert torch.equal(call_model(TakesMapping(), {"x": x}), x * 2)
+    assert torch.equal(call_model(TakesKeywords(), {"x": x}), x * 3)
+
+
+# ---- interruption ------------------------------------------------------------------------
+def test_an_interrupted_write_leaves_no_directory(
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.pretrained import checkpoint
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        (args[2] / "config.json").write_text("{}")  # type: ignore[operator]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress(_config(tiny_model("gpt2"), tmp_path / "out", text_file), print_fn=lambda s: None)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder
+
+
+def test_ctrl_c_in_distillation_keeps_the_student_so_far(
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.pretrained import pipeline
+
+    def stopped(*args: object, losses: list[float], **kwargs: object) -> list[float]:
+        losses += [1.0, 0.5]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "distill", stopped)
+    result = compress(
+        _config(tiny_model("gpt2"), tmp_path / "out", text_file), print_fn=lambda s: None
+    )
+    assert result.interrupted and result.distill_steps_done == 2
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["interrupted"] is True
+    assert json.loads((tmp_path / "out" / "tensorfold.json").read_text())["interrupted"] is True
+
+
+# ---- errors: one line, exit 2, nothing written ------------------------------------------
+def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()  # what building the fixtures printed
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_budget_is_rejected_before_anything_loads(
+    tiny_model: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load", never)
+    err = _cli_error(
+        ["compress", str(tiny_model("gpt2")), "--budget", "1.7", "--out", str(tmp_path / "o")],
+        capsys,
+    )
+    assert "budget=1.7 must be a float in (0, 1]" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("not-a-model", "is not a model directory: it has no config.json"),
+        ("bad-architecture", "cannot load MODEL_DIR="),
+        ("no-tokenizer", "has no tokenizer files"),
+        ("missing-data", "does not exist"),
+        ("empty-data", "holds no text"),
+        ("small-data", "too small for the requested split"),
+        ("long-seq", "seq_len=4096 is above the model's 64 positions"),
+        ("out-exists", "exists and is not a previous tensorfold output"),
+        ("bad-task", "task='translation' must be one of"),
+        ("bad-dtype", "dtype='float16' must be one of float32, bfloat16"),
+    ],
+)
+def test_bad_input_fails_at_once_with_one_line(
+    case: str,
+    pattern: str,
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    model_dir, data = tiny_model("gpt2"), text_file
+    extra: list[str] = ["--seq-len", "16"]
+    out = tmp_path / "out"
+    if case == "not-a-model":
+        model_dir = tmp_path / "empty"
+        model_dir.mkdir()
+    elif case == "bad-architecture":
+        model_dir = tmp_path / "bad"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    elif case == "no-tokenizer":
+        model_dir = tmp_path / "notok"
+        shutil.copytree(
+            tiny_model("gpt2"),
+            model_dir,
+            ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"),
+        )
+    elif case == "missing-data":
+        data = tmp_path / "nothing.txt"
+    elif case == "empty-data":
+        data = tmp_path / "empty.txt"
+        data.write_text("\n\n")
+    elif case == "small-data":
+        data = tmp_path / "small.txt"
+        data.write_text("One short line of text only.\n")
+    elif case == "long-seq":
+        extra = ["--seq-len", "4096"]
+    elif case == "out-exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "bad-task":
+        extra += ["--task", "translation"]
+    elif case == "bad-dtype":
+        extra += ["--dtype", "float16"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = _cli_error(
+        [
+            "compress",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        capsys,
+    )
+    assert pattern in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    if case == "out-exists":
+        assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(
+    tiny_model: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _cli_error(["compress", str(tiny_model("gpt2")), "--device", "cuda"], capsys)
+    assert "device='cuda' but this machine has no CUDA device" in err
+
+
+def test_vision_needs_data(
+    tiny_model: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _cli_error(["compress", str(tiny_model("vit")), "--no-progress"], capsys)
+    assert "--data is required for a vision model" in err
+
+
+def test_evaluate_prints_the_metrics(
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    compress(_config(tiny_model("gpt2"), tmp_path / "out", text_file), print_fn=lambda s: None)
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(tmp_path / "out"),
+                "--original",
+                str(tiny_model("gpt2")),
+                "--data",
+                str(text_file),
+                "--seq-len",
+                "16",
+                "--samples",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert "perplexity" in capsys.readouterr().out
+    err = _cli_error(["evaluate", str(tmp_path), "--original", str(tiny_model("gpt2"))], capsys)
+    assert "is not a tensorfold output directory" in err
+
+
+def test_python_dash_m_tensorfold() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorfold", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and "compress" in done.stdout and "evaluate" in done.stdout
