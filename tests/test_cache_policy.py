@@ -19,11 +19,15 @@ POLICIES = ["none", "split", "weights", 0, 10**9]
 
 
 def _tt_1pct(dtype=torch.float32, **kw) -> tensorfold.FactorizedLinear:
-    """TT at 1% of 1024x1024: the split pair is the clear pick at 32 rows."""
+    """TT at 1% of 1024x1024: the split pair is the model's pick at 32 rows.
+
+    Its cache does not time contested choices, so byte counts do not depend on timings."""
     torch.manual_seed(0)
-    return tensorfold.FactorizedLinear(
+    layer = tensorfold.FactorizedLinear(
         (8, 8, 16), (8, 8, 16), factorization="tt", rank=0.01, dtype=dtype, **kw
     )
+    layer.inference_cache.measure_ties = False
+    return layer
 
 
 def _dense_reference(layer: tensorfold.FactorizedLinear, x: torch.Tensor, idx=()) -> torch.Tensor:
@@ -182,6 +186,32 @@ def test_explain_prints_the_choice_forward_uses() -> None:
     assert why_train.regime == "training"
     assert why_train.path == choose_implementation(factors, layer.weight.network, 32)
     assert "built per call" in str(why_train)
+
+
+def test_contested_choice_is_timed_once_per_bucket() -> None:
+    """TT with one mode per side: the chain and the split pair are near ties in the model."""
+    torch.manual_seed(0)
+    layer = tensorfold.FactorizedLinear(
+        (1024,), (512,), factorization="tt", rank=(8,), implementation="auto"
+    )
+    x = torch.randn(32, 1024)
+    with torch.no_grad():
+        why = layer.explain(x)
+        assert why.choice is not None and why.choice.contested is not None
+        assert why.measured is not None and set(why.measured) == {
+            why.choice.path,
+            why.choice.contested,
+        }
+        assert why.path == min(why.measured, key=why.measured.__getitem__)
+        assert "timed at first use" in str(why)
+        layer(x)
+        decided = layer.inference_cache.decision(32, "split", "auto")
+        assert decided is not None and decided.measured == why.measured  # not re-timed
+    layer.inference_cache.measure_ties = False
+    layer.clear_weight_cache()
+    with torch.no_grad():
+        untimed = layer.explain(x)
+    assert untimed.measured is None and untimed.path == why.choice.path
 
 
 def test_explain_with_a_fixed_implementation() -> None:

@@ -175,9 +175,7 @@ def test_ttm_rebuild_is_not_a_gather(rank: float) -> None:
     assert p.final_perm is None or p.final_perm[-1] == 5
     equation = layer.weight.network.weight_equation()
     model = cost.cost_model("cpu")
-    _, flat_perm, _, _, flat_cost = steps.compile_path(
-        equation, shapes, list(p.path), model, 4, ""
-    )
+    _, flat_perm, _, _, flat_cost = steps.compile_path(equation, shapes, list(p.path), model, 4, "")
     assert flat_perm is not None and flat_perm[-1] != 5  # what the flat price chose
     assert p.cost_s < flat_cost  # the layout can only lower the rebuild's price
     w = reconstruct_weight(factors, layer.weight.network)

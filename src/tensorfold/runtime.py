@@ -160,13 +160,13 @@ class CpuMM(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(a, b)
         return torch.mm(a, b)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")  # backward under forward's autocast state
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         a, b = ctx.saved_tensors
         grad_a = torch.mm(grad, b.t()) if ctx.needs_input_grad[0] else None
         grad_b = None
@@ -221,7 +221,7 @@ class LeanFactorized(torch.autograd.Function):
         return plan(x, *factors)
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, plan: ContractionPlan, fused_bias: bool, x: Tensor, *factors: Tensor
     ) -> Tensor:
         ctx.plan = plan
@@ -231,7 +231,7 @@ class LeanFactorized(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         x, *factors = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():

@@ -15,6 +15,8 @@ from .cost import CostModel
 
 __all__ = ["Operand", "Step", "compile_path", "contiguous_run", "broadcast_split"]
 
+Traffic = tuple[int, int, tuple[int, ...]]  # elements read, elements written, GEMM dims
+
 
 @dataclass(frozen=True)
 class Operand:
@@ -115,7 +117,7 @@ def _compile_step(
     slots: tuple[int, int],
     swap: bool,
     out_order: str = "",
-) -> tuple[Step, str, float, float, float]:
+) -> tuple[Step, str, float, Traffic, float]:
     """Compile one pairwise contraction; returns (step, result labels, flops, bytes, copy bytes).
 
     ``keep_after`` holds the labels still needed by other operands or the output.
@@ -247,7 +249,7 @@ def _broadcast_step(
     sizes: dict[str, int],
     dynamic: str,
     flops: float,
-) -> tuple[Step, str, float, tuple, float]:
+) -> tuple[Step, str, float, Traffic, float]:
     """``out[P, G, S] = O[G, C] @ L[P, C, S]`` with the factor ``O`` broadcast over ``P``.
 
     Returns what :func:`_compile_step` returns; priced as the ``mm`` without its copy.

@@ -166,7 +166,7 @@ class InferenceCache:
         seen: dict[int, int] = {}
         for _, value in self._entries.values():
             for t in value if isinstance(value, tuple) else (value,):
-                storage = t.untyped_storage()  # type: ignore[attr-defined]
+                storage = t.untyped_storage()
                 if storage.data_ptr() not in exclude:
                     seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
@@ -209,7 +209,7 @@ class InferenceCache:
         keep: bool,
     ) -> object:
         """The split pair or ``W`` for ``idx``: from the cache, or built (and kept if ``keep``)."""
-        factors_params = layer.weight.factors._parameters.values()  # type: ignore[union-attr]
+        factors_params = layer.weight.factors._parameters.values()
         key = tuple([(p._version, p.data_ptr()) for p in factors_params])  # type: ignore[union-attr]
         hit = self._entries.get((idx, path))
         if hit is not None and hit[0] == key:
@@ -240,10 +240,11 @@ class InferenceCache:
         if path == "factorized":
             return run_factorized(program, x, layer.weight.layer_factors(idx), bias)
         value = self.operand(layer, program, idx, path, _OPERAND[path] in cacheable)
-        if path == "split":
-            down, up = value  # type: ignore[misc]
+        if isinstance(value, tuple):  # the split pair
+            down, up = value
             return F.linear(F.linear(x, down), up, bias)
-        return F.linear(x, value, bias)  # type: ignore[arg-type]
+        assert isinstance(value, Tensor)
+        return F.linear(x, value, bias)
 
     def decide(
         self,
@@ -258,14 +259,13 @@ class InferenceCache:
         model = choose(program, cacheable)
         decision = Decision(model.path, model)
         if model.contested is not None and self.measure_ties and x.numel():
-            timed = self._time(
-                {
-                    p: (lambda p=p: self.run(layer, p, program, cacheable, x, idx, bias))
-                    for p in (model.path, model.contested)
-                },
-                x.device,
-            )
-            fastest: Path = min(timed, key=timed.__getitem__)  # type: ignore[assignment]
+
+            def call(path: Path) -> Callable[[], Tensor]:
+                return lambda: self.run(layer, path, program, cacheable, x, idx, bias)
+
+            pair = (model.path, model.contested)
+            timed = self._time({p: call(p) for p in pair}, x.device)
+            fastest = min(pair, key=lambda p: timed[p])
             decision = Decision(fastest, model, timed)
         return decision
 
@@ -313,7 +313,7 @@ class InferenceCache:
         if layer.implementation == "auto":
             decision = self.decide(layer, program, cacheable, x, idx, bias)
         else:
-            path: Path = layer.implementation  # type: ignore[assignment]
+            path: Path = layer.implementation
             decision = Decision(path, choose(program, cacheable))
         state = _Bucket(program, cacheable, decision)
         self._buckets[key] = state

@@ -315,6 +315,7 @@ class FactorizedLinear(nn.Module):
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
         inference = self.implementation != "factorized" and self._inference()
         policy = self.cache
+        path: str
         if inference:
             with torch.no_grad():
                 state = self.inference_cache.state(self, x.detach(), idx, bias)
@@ -356,11 +357,11 @@ class FactorizedLinear(nn.Module):
             program,
         )
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         self.clear_weight_cache()
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, *args, **kwargs):
         self.clear_weight_cache()
         return super()._load_from_state_dict(*args, **kwargs)
 
