@@ -303,7 +303,10 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
 
 
 def test_training_sentences_are_disjoint_from_evaluation() -> None:
-    from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences, training_sentences
+    from tensorfold.pretrained.corpus import (
+        calibration_and_evaluation_sentences,
+        training_sentences,
+    )
 
     cal, ev = calibration_and_evaluation_sentences(64, 128)
     train = training_sentences(128)

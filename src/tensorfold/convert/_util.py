@@ -94,11 +94,12 @@ def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2's projections): a linear layer whose weight is
     stored ``(in, out)``. Recognised by name and shape so ``transformers`` need not be
     imported."""
+    weight = getattr(module, "weight", None)
     return (
         type(module).__name__ == "Conv1D"
         and hasattr(module, "nf")
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.dim() == 2
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
     )
 
 
@@ -116,11 +117,12 @@ def linear_view(module: nn.Module) -> nn.Linear:
         raise ConversionError(
             f"{type(module).__name__} is not a linear layer tensorfold can convert"
         )
-    w = module.weight
-    view = nn.Linear(w.shape[0], w.shape[1], bias=False, device="meta")
+    w: Tensor = module.weight  # type: ignore[assignment]
+    view = nn.Linear(int(w.shape[0]), int(w.shape[1]), bias=False, device="meta")
     view.weight = nn.Parameter(w.detach().T, requires_grad=False)
     bias = getattr(module, "bias", None)
-    view.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    if bias is not None:
+        view.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return view
 
 

@@ -241,7 +241,8 @@ def _sensitivities(
             1,
             int(share * n_in * n_out / (n_in + n_out)),
         )
-        delta = (p.low_rank(k) - p.weight).to(device=lin.weight.device, dtype=lin.weight.dtype)
+        ref = linear_view(lin).weight
+        delta = (p.low_rank(k) - p.weight).to(device=ref.device, dtype=ref.dtype)
         handle = lin.register_forward_hook(lambda m, a, y, d=delta: y + F.linear(a[0], d))
         try:
             num = den = 0.0
@@ -567,7 +568,9 @@ def _fit_sequential(
     replays = {}
     if stack is not None:
         replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
-        replays[id(orig)] = BlockReplay(orig, orig.get_submodule(stack[0]), batches, forward)
+        blocks = orig.get_submodule(stack[0])
+        assert isinstance(blocks, nn.ModuleList)  # the same structure as in work
+        replays[id(orig)] = BlockReplay(orig, blocks, batches, forward)
         original: Any = orig
     else:
         # One pass of the original keeps every layer's inputs when they fit in memory;
@@ -771,6 +774,7 @@ def revert(model: nn.Module) -> int:
     dense = {}
     for n in names:
         layer = model.get_submodule(n)
+        assert isinstance(layer, FactorizedLinear)
         if layer.layer_shape:
             raise ConversionError(
                 f"module {n!r} holds n_layers={layer.n_layers}; revert handles single layers"

@@ -141,7 +141,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     if path.is_dir():  # a directory written by ``tensorfold compress``
         path = path / WEIGHTS_NAME
     record, tensors = _read(path)
-    replacements: dict[str, nn.Module] = {}
+    replacements: dict[str, FactorizedLinear] = {}
     for entry in record.get("layers", []):
         name = entry.get("name")
         try:
@@ -163,6 +163,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             raise ConversionError(
                 f"{str(path)!r}: invalid record for module {name!r}: {exc}"
             ) from exc
+        ref: Tensor
+        shape: tuple[int, int]
         if isinstance(current, FactorizedLinear):
             ref = current.bias if current.bias is not None else next(current.parameters())
             shape = (current.in_features, current.out_features)
@@ -199,11 +201,11 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
-    for key, shape in expected.items():
-        if tensors[key].shape != shape:
+    for key, size in expected.items():
+        if tensors[key].shape != size:
             raise ConversionError(
                 f"{str(path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                f"the model expects {tuple(shape)}"
+                f"the model expects {tuple(size)}"
             )
     for name, layer in replacements.items():
         set_module(model, name, layer)

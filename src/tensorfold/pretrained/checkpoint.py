@@ -53,7 +53,8 @@ def save_pretrained(
             ignore=shutil.ignore_patterns(*_WEIGHT_FILES, ".*"),
         )
     else:
-        student.config.save_pretrained(folder)  # type: ignore[operator]
+        hf: Any = student
+        hf.config.save_pretrained(folder)
         generation = getattr(student, "generation_config", None)
         if generation is not None and loaded.task == "causal-lm":
             generation.save_pretrained(folder)

@@ -43,7 +43,7 @@ def evaluate(
     task = task_for(loaded, seq_len, dev)
     n_cal, n_eval = _DEFAULT_COUNTS[task_name]
     n = samples or n_eval
-    everything = task.samples(data)
+    everything = task.samples(None if data is None else str(data))
     if data is None:
         parts = split(everything, n_cal, n, 0, task.unit)
         chosen = parts.evaluation

@@ -109,7 +109,7 @@ def detect_task(model_dir: str | os.PathLike[str]) -> Task:
 def check_task(task: object) -> Task:
     if task not in TASKS:
         raise ConversionError(f"task={task!r} must be one of {', '.join(TASKS)}")
-    return task  # type: ignore[return-value]
+    return task
 
 
 def _model_class(task: Task, model_dir: Path) -> str:

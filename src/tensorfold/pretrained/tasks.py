@@ -116,7 +116,7 @@ class SentenceEmbeddingTask(_TextEncoder):
     """A sentence-transformers model: its own tokenizer call, pooling and normalisation."""
 
     def batches(self, samples: Sequence[str]) -> list[Batch]:
-        model = self.loaded.model
+        model: Any = self.loaded.model
         model.max_seq_length = min(self.seq_len, model.max_seq_length or self.seq_len)
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
         return [
