@@ -12,6 +12,7 @@ import tensorfold
 from tensorfold import ConversionError, FactorizedLinear
 from tensorfold.convert import core as core_mod
 from tensorfold.convert import plan, revert, tensorize
+from tensorfold.formats import names
 
 
 class Block(nn.Module):
@@ -133,10 +134,19 @@ def test_data_aware_fit_beats_data_free_and_sequential_helps() -> None:
 
 def test_auto_picks_the_lowest_error_format_per_layer() -> None:
     m = tiny()
-    p = plan(m, budget=0.5, factorization="auto", calibration=calib(2))
+    p = plan(m, budget=0.5, factorization="auto", calibration=calib(2), candidates=names())
     for lp in p.layers:
         assert set(lp.candidates) == {"cp", "tucker", "tt", "ttm"}
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())
+
+
+def test_auto_tries_tt_and_tucker_by_default() -> None:
+    p = plan(tiny(), budget=0.5, factorization="auto", calibration=calib(2))
+    for lp in p.layers:
+        assert set(lp.candidates) == {"tucker", "tt"}
+        assert lp.candidates[lp.factorization] == min(lp.candidates.values())
+    with pytest.raises(ConversionError, match=r"candidates=\[\] must name one or more formats"):
+        plan(tiny(), budget=0.5, factorization="auto", candidates=[])
 
 
 def test_global_allocation_gives_more_to_harder_layers() -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConversionError, TensorfoldError
-from ..formats import get_format
+from ..formats import get_format, names
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
 from ._util import (
@@ -40,7 +40,11 @@ from .replay import BlockReplay, block_index, find_stack
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan", "tensorize", "revert"]
 
-FORMATS = ("cp", "tucker", "tt", "ttm")
+FORMATS = names()
+# What 'auto' tries per layer. One-mode CP holds the same low-rank matrices as one-mode TT
+# (plus a weight vector), and on MiniLM 'auto' never picked TT-matrix or CP for a used layer
+# (benchmarks/RESULTS.md): trying them costs fitting time only. Name a format to use it.
+AUTO_CANDIDATES = ("tt", "tucker")
 # Modes per side when the user gives none. Fewer modes are more expressive for trained
 # weights: one mode makes CP and TT a low-rank matrix factorisation (TT's bond is the
 # matrix rank); TT-matrix needs two to compress at all; Tucker with one mode caps the
@@ -352,6 +356,7 @@ def plan(
     forward: ForwardFn = call_model,
     output_fn: Callable[[Any], Tensor] = output_tensor,
     progress: bool = False,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
     _stats: dict[str, LayerStats] | None = None,
 ) -> ConversionPlan:
     """Decide, changing nothing, how each matched ``nn.Linear`` is factorized.
@@ -377,6 +382,7 @@ def plan(
         forward: ``forward(model, batch)`` runs the model on one calibration batch.
         output_fn: maps the model's output to the tensor whose distortion is measured.
         progress: show tqdm bars.
+        candidates: the formats ``'auto'`` tries per layer (default ``AUTO_CANDIDATES``).
 
     Returns:
         A :class:`ConversionPlan` (print it for a table).
@@ -412,7 +418,9 @@ def plan(
                 f"{lin.weight.dtype}: only floating-point nn.Linear can be converted"
             )
     batches = as_batches(calibration)
-    formats = list(FORMATS) if fmt == "auto" else [fmt]
+    formats = [check_factorization(c) for c in candidates] if fmt == "auto" else [fmt]
+    if fmt == "auto" and (not formats or "auto" in formats):
+        raise ConversionError(f"candidates={candidates!r} must name one or more formats")
     base_fmt = formats[0] if fmt != "auto" else "tt"
 
     from tqdm.auto import tqdm
@@ -630,6 +638,7 @@ def tensorize(
     output_fn: Callable[[Any], Tensor] = output_tensor,
     progress: bool = True,
     plan_: ConversionPlan | None = None,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
     reference: nn.Module | None = None,
 ) -> ConversionReport:
     """Replace the matched ``nn.Linear`` modules of ``model`` in place by ``FactorizedLinear``.
@@ -685,6 +694,7 @@ def tensorize(
             forward,
             output_fn,
             progress,
+            candidates,
             _stats=stats,
         )
     layers = [copy.copy(lp) for lp in plan_.layers]
