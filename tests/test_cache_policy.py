@@ -202,7 +202,9 @@ def test_contested_choice_is_timed_once_per_bucket() -> None:
             why.choice.path,
             why.choice.contested,
         }
-        assert why.path == min(why.measured, key=why.measured.__getitem__)
+        runner = why.choice.contested
+        clearly = why.measured[runner] * 1.05 < why.measured[why.choice.path]
+        assert why.path == (runner if clearly else why.choice.path)
         assert "timed at first use" in str(why)
         layer(x)
         decided = layer.inference_cache.decision(32, "split", "auto")

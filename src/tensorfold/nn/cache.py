@@ -15,7 +15,8 @@ int ``n``      any operand of at most ``n`` bytes (per layer index)
 ``'auto'`` then runs the fastest path the policy allows (:func:`tensorfold.choice.choose`
 with the operands the policy keeps). Where the model's answer is contested (the runner-up
 is predicted within the model's error of the pick), the layer times both paths on the
-first batch of each batch bucket and keeps the faster for that bucket.
+first batch of each batch bucket, and takes the runner-up for that bucket only where it
+ran clearly faster.
 
 Entries are keyed by each factor's version counter (bumped by every in-place update,
 optimiser steps and ``load_state_dict`` included) and storage address; ``.to()`` and
@@ -26,7 +27,6 @@ friends and ``load_state_dict`` clear the cache. It is a plain attribute, never 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +49,10 @@ __all__ = ["CACHE_POLICIES", "CachePolicy", "Decision", "Explanation", "Inferenc
 CachePolicy = Literal["none", "split", "weights"] | int
 CACHE_POLICIES: tuple[str, ...] = ("none", "split", "weights")
 _OPERAND = {"split": "split", "reconstructed": "weight"}  # path -> the operand it caches
-_MEASURE_ROUNDS = 3  # alternations of the two timed paths; the median of each is kept
+# Alternations of the two timed paths; the fastest call of each is kept (noise only adds
+# time). The runner-up replaces the model's pick only where it is clearly faster.
+_MEASURE_ROUNDS = 5
+_MEASURED_WIN = 1.05
 
 
 def check_cache(cache: object) -> CachePolicy:
@@ -70,8 +73,8 @@ class Decision:
     Attributes:
         path: what runs.
         model: the cost model's :class:`~tensorfold.choice.Choice` under the policy.
-        measured: median seconds of the two contested paths where they were timed, else
-            None (the model's pick stands).
+        measured: the fastest of several timed calls of each contested path, else None;
+            the runner-up replaces the model's pick only where it was clearly faster.
     """
 
     path: Path
@@ -125,7 +128,7 @@ class Explanation:
             lines.append(f"implementation='{self.implementation}' is fixed: nothing to choose")
         if self.measured is not None:
             timed = ", ".join(f"'{p}' {s * 1e6:.1f} us" for p, s in self.measured.items())
-            lines.append(f"timed at first use (median of {_MEASURE_ROUNDS}): {timed}")
+            lines.append(f"timed at first use (fastest of {_MEASURE_ROUNDS}): {timed}")
         lines.append(
             f"runs: '{self.path}'; keeps {self.operand_bytes:,} bytes for it; "
             f"cache holds {self.cached_bytes:,} bytes"
@@ -265,7 +268,8 @@ class InferenceCache:
 
             pair = (model.path, model.contested)
             timed = self._time({p: call(p) for p in pair}, x.device)
-            fastest = min(pair, key=lambda p: timed[p])
+            pick, runner = pair
+            fastest = runner if timed[runner] * _MEASURED_WIN < timed[pick] else pick
             decision = Decision(fastest, model, timed)
         return decision
 
@@ -282,7 +286,7 @@ class InferenceCache:
                 fn()
                 sync()
                 times[path].append(time.perf_counter() - start)
-        return {p: statistics.median(v) for p, v in times.items()}
+        return {p: min(v) for p, v in times.items()}
 
     def forward(
         self, layer: FactorizedLinear, x: Tensor, idx: tuple[int, ...], bias: Tensor | None
