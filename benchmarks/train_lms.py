@@ -45,13 +45,10 @@ with ``train_report.json`` (settings, steps, losses, perplexities).
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -63,11 +60,11 @@ import torch
 
 from tensorfold.files import atomic_write
 from tensorfold.pretrained.corpus import (
-    _clean,
     calibration_and_evaluation_sentences,
     english_sentences,
     training_sentences,
 )
+from tensorfold.pretrained.man_pages import MAN_DIR, chunk, man_documents
 from tensorfold.pretrained.other_text import (
     other_source_documents,
     other_source_sentences,
@@ -80,91 +77,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent
 EOS, PAD = "<|endoftext|>", "<pad>"
 N_EVAL = 512
-MAN_DIR = Path("/usr/share/man")
 
 # ---- text ----
-
-_ROFF_ESCAPES = [
-    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
-    (re.compile(r"\\s[+-]?\d"), ""),  # size changes
-    (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""),  # string registers (pod2man's quotes)
-    (re.compile(r"\\\((em|en)"), "-"),
-    (re.compile(r"\\\((aq|cq)"), "'"),
-    (re.compile(r"\\\((lq|rq|dq)"), '"'),
-    (re.compile(r"\\\(.."), ""),
-    (re.compile(r"\\-"), "-"),
-    (re.compile(r"\\[&c%]"), ""),
-    (re.compile(r"\\e"), r"\\"),
-    (re.compile(r"\\ "), " "),
-]
-_TEXT_MACRO = re.compile(r"^\.(B|I|BR|IR|BI|IB|RB|RI|SM|SB)\s+(.*)$")
-
-
-def roff_to_text(text: str) -> str:
-    """Man-page source to plain paragraphs: macros become breaks, examples are dropped."""
-    out: list[str] = []
-    verbatim = False
-    for line in text.splitlines():
-        if line.startswith((".nf", ".EX")):
-            verbatim = True
-        elif line.startswith((".fi", ".EE")):
-            verbatim = False
-        if verbatim or line.startswith((".fi", ".EE")):
-            out.append("")
-            continue
-        macro = _TEXT_MACRO.match(line)
-        if macro:
-            line = macro.group(2).replace('"', "")
-        elif line.startswith((".", "'")):
-            out.append("")
-            continue
-        for pattern, repl in _ROFF_ESCAPES:
-            line = pattern.sub(repl, line)
-        out.append(line)
-    return "\n".join(out)
-
-
-def chunk(sentences: list[str], max_words: int) -> list[str]:
-    """Consecutive sentences joined into passages of up to ``max_words`` words."""
-    docs: list[str] = []
-    current: list[str] = []
-    words = 0
-    for sent in sentences:
-        if current and words + len(sent.split()) > max_words:
-            docs.append(" ".join(current))
-            current, words = [], 0
-        current.append(sent)
-        words += len(sent.split())
-    if current:
-        docs.append(" ".join(current))
-    return docs
-
-
-def man_documents(max_words: int, excluded: set[str]) -> tuple[list[str], int]:
-    """Passages of English man pages, read in a fixed order (by hash of the file name)."""
-    files = [p for sec in "12345678" for p in sorted((MAN_DIR / f"man{sec}").glob("*.gz"))]
-    files.sort(key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
-    docs: list[str] = []
-    total = pages = 0
-    for path in files:
-        if total >= max_words:
-            break
-        try:
-            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
-                source = fh.read()
-        except (OSError, EOFError):
-            continue
-        kept = []
-        for sent in _clean(roff_to_text(source)):
-            if sent.lower() not in excluded:
-                excluded.add(sent.lower())  # also deduplicates across pages
-                kept.append(sent)
-        if kept:
-            pages += 1
-            total += sum(len(s.split()) for s in kept)
-            docs.extend(chunk(kept, 200))
-    return docs, pages
-
 
 # ---- tokenizer ----
 

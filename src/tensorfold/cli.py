@@ -179,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data",
         default=None,
         help=".txt (lines, or blank-line separated documents), .jsonl with 'text', a "
-        "folder of .txt files, or a folder of images (default: the bundled English "
-        "corpus, sentences of the Python documentation)",
+        "folder of .txt files, or a folder of images (default: English sentences of the "
+        "Python documentation and the system's man pages)",
     )
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample")
     p.add_argument(

@@ -31,6 +31,20 @@ from .models import Loaded
 Batch = dict[str, Tensor]
 
 
+# Man-page words added to the bundled corpus: more variety than the Python docs alone, read
+# in seconds.
+MAN_PAGE_WORDS = 60_000
+
+
+def bundled_sentences() -> list[str]:
+    """The default text: English sentences of the Python documentation and of the
+    system's man pages (technical prose found on the machine, nothing downloaded)."""
+    from .corpus import english_sentences
+    from .man_pages import man_sentences
+
+    return list(english_sentences()) + man_sentences(MAN_PAGE_WORDS)
+
+
 def _to(batch: Any, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(batch).items()}
 
@@ -52,9 +66,7 @@ class ModelTask:
     def samples(self, path: str | Path | None) -> list[Any]:
         """Texts (or chunks, or image paths) from ``path``, or the bundled English corpus."""
         if path is None:
-            from .corpus import english_sentences
-
-            return list(english_sentences())
+            return bundled_sentences()
         return datamod.read_texts(path)
 
     @property
