@@ -50,8 +50,9 @@ def load_minilm() -> nn.Module:
 def batches_for(model: Any, sentences: list[str], batch_size: int = 32) -> list[dict[str, Tensor]]:
     """Tokenised batches; sentences are grouped by length so little padding is computed."""
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in v5
     return [
-        dict(model.tokenize([sentences[j] for j in order[i : i + batch_size]]))
+        dict(tokenize([sentences[j] for j in order[i : i + batch_size]]))
         for i in range(0, len(order), batch_size)
     ]
 

@@ -131,8 +131,9 @@ class SentenceEmbeddingTask(_TextEncoder):
         model: Any = self.loaded.model
         model.max_seq_length = min(self.seq_len, model.max_seq_length or self.seq_len)
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
+        tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in v5
         return [
-            _to(model.tokenize([samples[j] for j in order[i : i + self.batch_size]]), self.device)
+            _to(tokenize([samples[j] for j in order[i : i + self.batch_size]]), self.device)
             for i in range(0, len(order), self.batch_size)
         ]
 
