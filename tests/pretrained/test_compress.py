@@ -354,3 +354,16 @@ def test_python_dash_m_tensorfold() -> None:
         [sys.executable, "-m", "tensorfold", "--help"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and "compress" in done.stdout and "evaluate" in done.stdout
+
+
+def test_bfloat16_run_writes_a_bfloat16_model(
+    tiny_model: Callable[[str], Path], text_file: Path, tmp_path: Path
+) -> None:
+    result = compress(
+        _config(tiny_model("llama"), tmp_path / "out", text_file, dtype="bfloat16"),
+        print_fn=lambda s: None,
+    )
+    assert result.reload_verified
+    loaded = from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert result.before_distill["held-out"].perplexity_ratio < 1.5

@@ -407,8 +407,10 @@ def write_output(
         mine = result.student.state_dict()
         same = all(torch.equal(v, mine[k]) for k, v in fresh.state_dict().items())
         with torch.no_grad():  # the two may run different (equally valid) inference paths
-            a, b = output_tensor(run(fresh)).float(), output_tensor(run(result.student)).float()
-        same = same and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())))
+            a, b = output_tensor(run(fresh)), output_tensor(run(result.student))
+        tol = max(1e-4, 8 * torch.finfo(b.dtype).eps)
+        a, b = a.float(), b.float()
+        same = same and bool(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max())))
         del fresh
         if not same:
             raise ConversionError(
