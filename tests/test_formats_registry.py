@@ -86,10 +86,6 @@ def test_copy_factors_refuses_wrong_count_or_size_and_writes_nothing():
         assert torch.equal(f, b)
 
 
-def test_the_private_spelling_is_the_public_method():
-    assert CPTensor._copy_factors_ is CPTensor.copy_factors_
-
-
 # ---- low-rank assignment -----------------------------------------------------------
 
 

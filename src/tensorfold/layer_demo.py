@@ -13,9 +13,10 @@ import time
 import torch
 from torch import nn
 
+from .formats import names
 from .nn import FactorizedLinear
 
-FORMATS = ("cp", "tucker", "tt", "ttm")
+FORMATS = names()
 WIDTHS = (256, 512, 256)
 
 
@@ -75,7 +76,8 @@ def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
         f"rank={rank} (fraction kept), {rows} rows"
     )
     print(
-        f"{'format':<8} {'params kept':>12} {'weight err':>11} {'output err':>11} {'decompose s':>12} {'time vs dense':>14}"
+        f"{'format':<8} {'params kept':>12} {'weight err':>11} {'output err':>11} "
+        f"{'decompose s':>12} {'time vs dense':>14}"
     )
     rows_out = []
     for fmt in FORMATS:
@@ -101,7 +103,8 @@ def main(rank: float = 0.25, rows: int = 256) -> list[dict[str, object]]:
             }
         )
         print(
-            f"{fmt:<8} {kept:>12.1%} {weight_err:>11.3f} {out_err:>11.3f} {seconds:>12.2f} {ratio:>13.2f}x"
+            f"{fmt:<8} {kept:>12.1%} {weight_err:>11.3f} {out_err:>11.3f} "
+            f"{seconds:>12.2f} {ratio:>13.2f}x"
         )
     return rows_out
 

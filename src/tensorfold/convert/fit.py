@@ -156,7 +156,7 @@ def fit_weight(
         if exact:
             break
     best_err, best = min(starts, key=lambda s: s[0])
-    weight._copy_factors_(best)
+    weight.copy_factors_(best)
     if exact or not data_aware or refine_steps <= 0:
         return best_err
     return _refine(weight, problem, refine_steps, best_err)
@@ -196,7 +196,7 @@ def _refine(
     with torch.no_grad():
         err = problem.error(reconstruct_weight([p.detach() for p in params], weight.network))
     if math.isfinite(err) and err < start_err:
-        weight._copy_factors_(
+        weight.copy_factors_(
             [p.detach().to(o.dtype) for p, o in zip(params, original, strict=False)]
         )
         return err

@@ -402,8 +402,6 @@ class FactorizedTensor(nn.Module):
             for factor, value in zip(self.factors, values, strict=True):
                 factor.copy_(value.reshape(factor.shape))
 
-    # Private spelling kept for convert/fit.py, which calls it.
-    _copy_factors_ = copy_factors_
 
     def low_rank_capacity(self) -> int | None:
         """The rank ``k`` of the matrices ``left @ right`` that :meth:`assign_low_rank_`
