@@ -402,7 +402,6 @@ class FactorizedTensor(nn.Module):
             for factor, value in zip(self.factors, values, strict=True):
                 factor.copy_(value.reshape(factor.shape))
 
-
     def low_rank_capacity(self) -> int | None:
         """The rank ``k`` of the matrices ``left @ right`` that :meth:`assign_low_rank_`
         writes exactly, or ``None`` where this format cannot (the default).
