@@ -216,32 +216,27 @@ def _groups(model: nn.Module, names: list[str], batch: Any, forward: ForwardFn) 
     return groups
 
 
-@torch.no_grad()
-def svdllm_compress(
-    model: nn.Module,
-    names: Sequence[str],
-    calibration: Sequence[Any],
-    budget: float,
-    allocation: str = "uniform",
-    update: bool = True,
-    forward: ForwardFn = call_model,
-) -> tuple[nn.Module, SVDLLMReport]:
-    """A compressed deep copy of ``model`` (``model`` is left as it is) and its report.
+@dataclass
+class Whitened:
+    """Stage 1's per-layer work, shared by every budget and allocation on the same data:
+    the Cholesky factor of ``C`` and the SVD of ``W L`` for each layer."""
 
-    Args:
-        model: any module whose ``names`` are ``nn.Linear`` or ``Conv1D`` layers.
-        names: the layers to compress.
-        calibration: model inputs, each run as ``forward(model, batch)``.
-        budget: fraction in (0, 1] of the layers' weight parameters to keep.
-        allocation: ``'uniform'`` or ``'global'`` (see the module docstring).
-        update: run stage 2, the layer-wise closed-form update of ``W_u``.
-        forward: how to call the model on one batch.
-    """
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    chols: dict[str, Tensor]
+    svds: dict[str, tuple[Tensor, Tensor, Tensor]]
+    seconds: float
+
+
+@torch.no_grad()
+def whiten(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Any], forward: ForwardFn
+) -> Whitened:
+    """Record ``C`` for every named layer of the original model (one pass) and factor it."""
     start = time.perf_counter()
     names = list(names)
     if not names:
         raise ConversionError("names is empty: select at least one linear layer")
-    batches = list(calibration)
     if not batches:
         raise ConversionError("calibration is empty: give at least one batch")
     stats = record_stats(model, names, batches, forward)
@@ -254,6 +249,42 @@ def svdllm_compress(
         chols[name] = cholesky_with_ridge(stats[name].cov)
         svds[name] = whitened_svd(weight, chols[name])
         shapes.append((weight.shape[0], weight.shape[1]))
+    return Whitened(names, shapes, chols, svds, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def svdllm_compress(
+    model: nn.Module,
+    names: Sequence[str],
+    calibration: Sequence[Any],
+    budget: float,
+    allocation: str = "uniform",
+    update: bool = True,
+    forward: ForwardFn = call_model,
+    whitened: Whitened | None = None,
+) -> tuple[nn.Module, SVDLLMReport]:
+    """A compressed deep copy of ``model`` (``model`` is left as it is) and its report.
+
+    Args:
+        model: any module whose ``names`` are ``nn.Linear`` or ``Conv1D`` layers.
+        names: the layers to compress.
+        calibration: model inputs, each run as ``forward(model, batch)``.
+        budget: fraction in (0, 1] of the layers' weight parameters to keep.
+        allocation: ``'uniform'`` or ``'global'`` (see the module docstring).
+        update: run stage 2, the layer-wise closed-form update of ``W_u``.
+        forward: how to call the model on one batch.
+        whitened: :func:`whiten`'s result for these names and batches, to reuse.
+    """
+    start = time.perf_counter()
+    names = list(names)
+    batches = list(calibration)
+    if whitened is None:
+        whitened = whiten(model, names, batches, forward)
+    elif whitened.names != names:
+        raise ConversionError("whitened= was computed for other layers than names")
+    else:
+        start -= whitened.seconds  # the shared stage-1 work counts in every run
+    chols, svds, shapes = whitened.chols, whitened.svds, whitened.shapes
     ranks = dict(
         zip(
             names,
