@@ -126,7 +126,8 @@ def build_candidates(
                         cands[f"{fmt}|{frac}|tltorch-{impl}"] = t
                     except Exception as exc:  # noqa: BLE001 - the reference fails on some shapes
                         print(
-                            f"tltorch {fmt} {frac} {impl} {in_f}->{out_f}: {type(exc).__name__}: {exc}",
+                            f"tltorch {fmt} {frac} {impl} {in_f}->{out_f}: "
+                            f"{type(exc).__name__}: {exc}",
                             file=sys.stderr,
                         )
     return cands
@@ -246,13 +247,15 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
-        f"torch {meta['torch']}, {meta['threads']} thread(s), device {meta['device']}, dtype {meta['dtype']}, "
+        f"torch {meta['torch']}, {meta['threads']} thread(s), device {meta['device']}, "
+        f"dtype {meta['dtype']}, "
         f"{meta['repeats']} interleaved repeats, medians, caches flushed before every timed call "
         f"({meta.get('flush_mb', 0):g} MB written).",
         "",
         "Cells are time relative to dense `nn.Linear` of the same shape in the same cell "
         "(< 1 is faster). `fact`/`rec`/`auto`: tensorfold's implementations; `tlt`: the faster of "
-        "tensorly-torch's two (`blocktt` for ttm; it has no plain `tt`); `flops`: FLOP count relative "
+        "tensorly-torch's two (`blocktt` for ttm; it has no plain `tt`); "
+        "`flops`: FLOP count relative "
         "to dense of the path 'auto' picks in inference (a cached operand counts as free) and of "
         "tensorfold's factorized plan in training; `pick`: what 'auto' runs (inference picks "
         "between the factorized path, a cached split pair `W = up @ down` and a cached rebuilt "
@@ -277,8 +280,10 @@ def markdown(results: list[dict], meta: dict) -> str:
             flops = row["flop_ratio_pick_cached"] if regime == "fwd" else row["flop_ratio"]
             lines.append(
                 f"| {row['shape']} | {row['batch']} | {row['format']} | {row['fraction']:g} | "
-                f"{r['dense_ms']:.3g} | {_fmt_ratio(r.get('factorized'))} | {_fmt_ratio(r.get('reconstructed'))} | "
-                f"{_fmt_ratio(r.get('auto'))} | {_fmt_ratio(r.get('tltorch'))} | {flops:.3g} | {pick} |"
+                f"{r['dense_ms']:.3g} | {_fmt_ratio(r.get('factorized'))} | "
+                f"{_fmt_ratio(r.get('reconstructed'))} | "
+                f"{_fmt_ratio(r.get('auto'))} | {_fmt_ratio(r.get('tltorch'))} | "
+                f"{flops:.3g} | {pick} |"
             )
         lines.append("")
     lines += summary(results)
@@ -319,7 +324,8 @@ def summary(results: list[dict]) -> list[str]:
     if bound:
         ok = sum(v <= 1.1 for _, v in bound)
         out.append(
-            f"- training 'auto' <= 1.1x dense where the factorized FLOP ratio <= 0.5: {ok}/{len(bound)} cells, "
+            "- training 'auto' <= 1.1x dense where the factorized FLOP ratio <= 0.5: "
+            f"{ok}/{len(bound)} cells, "
             f"worst {max(v for _, v in bound):.2f}x"
         )
     # The bound of the path 'auto' chose (issue 5): a cached weight's GEMM has none.
@@ -345,8 +351,10 @@ def summary(results: list[dict]) -> list[str]:
     if rel:
         gm = math.exp(sum(map(math.log, rel)) / len(rel))
         out.append(
-            f"- vs tensorly-torch's faster implementation (fwd and train cells): geometric-mean speedup "
-            f"{gm:.2f}x, slowest cell {min(rel):.2f}x ({sum(v >= 1 for v in rel)}/{len(rel)} cells not slower)"
+            "- vs tensorly-torch's faster implementation (fwd and train cells): "
+            "geometric-mean speedup "
+            f"{gm:.2f}x, slowest cell {min(rel):.2f}x "
+            f"({sum(v >= 1 for v in rel)}/{len(rel)} cells not slower)"
         )
     return out + [""]
 
@@ -395,7 +403,8 @@ def memory_table(shape, batch, fractions, formats, device, dtype) -> str:
     lines = [
         f"Training-step memory, {in_f}->{out_f}, batch {'x'.join(map(str, batch))}, {dtype}. "
         "`saved`: bytes autograd keeps for backward beyond the parameters (the input included); "
-        "`lean`: the factorized path with `checkpointing=True` (saves the input, recomputes the chain)."
+        "`lean`: the factorized path with `checkpointing=True` "
+        "(saves the input, recomputes the chain)."
         + (
             " `peak`: CUDA peak allocation of forward+backward above the resting state."
             if device.type == "cuda"

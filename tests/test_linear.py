@@ -222,14 +222,16 @@ def test_init_matches_nn_linear_scale(fmt, rank, n_layers):
     for _ in range(400):
         layer.reset_parameters()
         variances.append(layer.weight.to_tensor().var().item())
-    # Products of Gaussians are heavy-tailed (one draw can be off by 2x); 400 seeded draws pin the mean to ~5%.
+    # Products of Gaussians are heavy-tailed (one draw can be off by 2x); 400 seeded draws
+    # pin the mean to ~5%.
     assert abs(sum(variances) / len(variances) / target_var - 1) < 0.15
     bound = 1 / math.sqrt(64)
     assert layer.bias.abs().max() <= bound and layer.bias.std() > bound / 3
 
 
 def test_nn_linear_reference_scale():
-    # The scale we match is nn.Linear's default: uniform(-1/sqrt(in), 1/sqrt(in)) -> std 1/sqrt(3 in).
+    # The scale we match is nn.Linear's default: uniform(-1/sqrt(in), 1/sqrt(in)),
+    # i.e. std 1/sqrt(3 in).
     torch.manual_seed(0)
     assert abs(nn.Linear(256, 256).weight.std().item() * math.sqrt(3 * 256) - 1) < 0.02
 
@@ -291,7 +293,8 @@ def test_extra_repr_names_everything():
                 "out_tensorized_features": (10,),
             },
             ValueError,
-            r"cannot be met by 'ttm' with one out mode and one in mode: its single core is the dense weight \(120",
+            r"cannot be met by 'ttm' with one out mode and one in mode: "
+            r"its single core is the dense weight \(120",
         ),
         (
             {
