@@ -13,6 +13,15 @@ pytest.importorskip("tokenizers")
 
 transformers.utils.logging.disable_progress_bar()
 
+
+@pytest.fixture(autouse=True)
+def _no_timed_tie_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check mechanics on tiny layers; timing contested choices only costs time."""
+    from tensorfold.nn.cache import InferenceCache
+
+    monkeypatch.setattr(InferenceCache, "measure_ties", False)
+
+
 VOCAB = 256
 KINDS = ("gpt2", "llama", "qwen2", "bert", "vit")
 TEXT = [
