@@ -238,6 +238,8 @@ def test_distill_lowers_the_loss() -> None:
     assert sum(losses[-4:]) < sum(losses[:4])
     with pytest.raises(ConversionError, match="steps=-1 must be an int >= 0"):
         tensorfold.convert.distill(student, teacher, calib(1), steps=-1)
+    with pytest.raises(ConversionError, match=r"max_seconds=0 must be > 0 \(or None: no limit\)"):
+        tensorfold.convert.distill(student, teacher, calib(1), steps=2, max_seconds=0)
 
 
 def test_distill_matches_intermediate_features_and_trains_norms() -> None:

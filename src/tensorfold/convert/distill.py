@@ -154,6 +154,8 @@ def distill(
     batches = as_batches(data)
     if batches is None:
         raise ConversionError("data must be an iterable of model inputs")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ConversionError(f"max_seconds={max_seconds!r} must be > 0 (or None: no limit)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConversionError(f"steps={steps!r} must be an int >= 0")
     params = trainable_parameters(student, parameters)

@@ -291,7 +291,8 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
 
     steps_done, interrupted = 0, False
     t = time.perf_counter()
-    if config.distill_steps and parts.distillation:
+    out_of_time = deadline is not None and time.perf_counter() >= deadline
+    if config.distill_steps and parts.distillation and not out_of_time:
         steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
     seconds["distill"] = time.perf_counter() - t
     after = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
@@ -338,7 +339,7 @@ def _distill(
         per_batch = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
         per_batch = max(1, per_batch // max(1, len(batches)))
         steps = min(steps, max(1, math.ceil(config.distill_tokens / per_batch)))
-    max_seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
+    max_seconds = None if deadline is None else max(1e-3, deadline - time.perf_counter())
     losses: list[float] = []
     try:
         losses = distill(
