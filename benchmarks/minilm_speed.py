@@ -116,7 +116,7 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, `torch.no_grad()`; "
         f"{args.repeats} interleaved repeats, medians per batch.",
         "",
-        "| sentences per batch | tokens (padded rows) | budget | linear params kept | original ms | compressed ms | speedup | 'auto' paths in the 36 layers |",
+        "| sentences per batch | tokens (padded rows) | budget | linear params kept | original ms | compressed ms | speedup | 'auto' paths in the 36 layers |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|",
     ]
     for bs, tokens, padded, name, k, t_dense, t_comp, count in rows_out:
