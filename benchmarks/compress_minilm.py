@@ -21,8 +21,11 @@ import time
 
 import torch
 
-from tensorfold.convert import demo, tensorize
+from tensorfold import demo, tensorize
 from tensorfold.files import atomic_savefig, atomic_write
+from tensorfold.pretrained import CompressConfig, compress
+from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences
+from tensorfold.pretrained.metrics import fidelity
 
 
 def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **kw: object) -> dict:
@@ -31,7 +34,7 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
     start = time.perf_counter()
     if kw.get("baseline"):
         teacher = demo.load_minilm()
-        cal, ev = demo.calibration_and_evaluation_sentences(n_cal, 512)
+        cal, ev = calibration_and_evaluation_sentences(n_cal, demo.EVALUATION_SENTENCES)
         cal_b, ev_b = demo.batches_for(teacher, cal), demo.batches_for(teacher, ev)
         ref = demo.embed(teacher, ev_b)
         import copy
@@ -48,7 +51,7 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
             sequential=False,
             progress=False,
         )
-        fid = demo.fidelity(demo.embed(student, ev_b), ref)
+        fid = fidelity(demo.embed(student, ev_b), ref)
         return {
             "budget": budget,
             "format": f"baseline {kw['baseline']}",
@@ -57,27 +60,30 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
             "layerwise": vars(fid),
             "final": vars(fid),
         }
-    r = demo.run_demo(
+    config = CompressConfig(
+        model_dir=demo.model_directory(),
         budget=budget,
         factorization=fmt,
-        n_calibration=n_cal,
+        targets=[demo.ENCODER_TARGETS],
+        calibration_samples=n_cal,
+        evaluation_samples=demo.EVALUATION_SENTENCES,
         distill_steps=distill_steps,
         refine_steps=refine,
         progress=False,
-        print_fn=lines.append,
-        lr=kw["lr"],
-        time_limit=kw["time_limit"] or None,
+        lr=kw["lr"],  # type: ignore[arg-type]
+        time_limit=kw["time_limit"] or None,  # type: ignore[arg-type]
     )
+    r = compress(config, print_fn=lines.append)
     return {
         "budget": budget,
         "format": fmt,
-        "kept": r["report"].kept,
-        "seconds": r["seconds"],
-        "fit_seconds": r["fit_seconds"],
-        "distill_steps": r["distill_steps_done"],
-        "layerwise": vars(r["before_distill"]),
-        "final": vars(r["fidelity"]),
-        "formats_chosen": sorted({lp.factorization for lp in r["report"].layers}),
+        "kept": r.report.kept,
+        "seconds": r.seconds["total"],
+        "fit_seconds": r.seconds["fit"],
+        "distill_steps": r.distill_steps_done,
+        "layerwise": vars(r.before_distill["held-out"]),
+        "final": vars(r.after["held-out"]),
+        "formats_chosen": sorted({lp.factorization for lp in r.report.layers}),
     }
 
 

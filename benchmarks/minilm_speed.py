@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tensorfold import FactorizedLinear, tensorize
+from tensorfold import FactorizedLinear, demo, tensorize
 from tensorfold.contraction import batch_bucket
-from tensorfold.convert import demo
 from tensorfold.files import atomic_savefig, atomic_write
 from tensorfold.functional import choose_implementation
+from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences
 
 
 def picks(model: torch.nn.Module, rows: int) -> Counter:
@@ -68,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     dense = demo.load_minilm().eval()
-    cal, held_out = demo.calibration_and_evaluation_sentences(256, 512)
+    cal, held_out = calibration_and_evaluation_sentences(256, 512)
     cal_batches = demo.batches_for(dense, cal)
     models = {"dense": dense}
     kept = {}
