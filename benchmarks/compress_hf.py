@@ -18,6 +18,8 @@ MLP) and each budget (fraction of the transformer blocks' linear weight paramete
   layer-wise closed-form update of ``W_u``), with ``uniform`` and ``global`` rank
   allocation, on the *same* calibration chunks; also without the update (``whitening
   only``), to show what the update adds.
+* **control** -- the same model with the compressed layers' weights zeroed (biases kept):
+  how much those layers matter to the figures at all.
 
 All methods are judged on the same held-out chunks of the corpus (never used for
 calibration or distillation) and on other-source English (Debian license texts, copyright
@@ -33,6 +35,7 @@ Writes ``hf_lm_compression.{md,json,png}`` to ``--out`` (default ``benchmarks/re
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -61,6 +64,7 @@ from tensorfold.pretrained.tasks import task_for  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODELS = ("gpt2-small-tf", "llama-small-tf")
 SETS = ("held-out", "other source")
+CONTROL = "control: block linear weights zeroed"
 
 
 def fit_dict(fit: LanguageModelFit) -> dict[str, float]:
@@ -132,8 +136,26 @@ def run_baselines(model_dir: Path, budgets: list[float], a: argparse.Namespace) 
     }
     teacher = loaded.model
     names = match_modules(teacher, default_targets(teacher), None)
+    # Control: how much the compressed layers matter at all (their weights zeroed).
+    zeroed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for name in names:
+            zeroed.get_submodule(name).weight.zero_()
+    out: list[dict[str, Any]] = [
+        {
+            "model": model_dir.name,
+            "budget": 0.0,
+            "method": CONTROL,
+            "kept": 0.0,
+            "params_after": 0,
+            "params_before": sum(teacher.get_submodule(n).weight.numel() for n in names),
+            "eval": {k: fit_dict(task.evaluate(zeroed, teacher, b)) for k, b in evals.items()},
+            "seconds": 0.0,
+        }
+    ]
+    print(summary(out[-1]), flush=True)
+    del zeroed
     whitened = whiten(teacher, names, cal, task.forward)
-    out = []
     variants = [("uniform", True), ("global", True), ("uniform", False), ("global", False)]
     for budget in budgets:
         for allocation, update in variants:
@@ -236,7 +258,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker=markers[method], label=method)
             ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set_yscale("log")
+            ax.ticklabel_format(axis="y", useOffset=False)  # ratios sit close to 1
             ax.set_xlabel("linear parameters kept (fraction)")
             ax.set_ylabel(f"perplexity ratio, {name}")
             ax.set_title(f"{model}: {name}", fontsize=10)
@@ -303,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {model}: {model_dir} is missing (python benchmarks/train_lms.py)")
             continue
         base = run_baselines(model_dir, a.budgets, a)
+        rows += [b for b in base if b["method"] == CONTROL]
         for budget in a.budgets:
             t = time.perf_counter()
             tf_rows = run_tensorfold(model_dir, budget, a)
