@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -23,43 +24,26 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
-def _config_from(args: argparse.Namespace) -> object:
+def _config_from(args: argparse.Namespace, **fixed: Any) -> Any:
+    """The :class:`CompressConfig` of the parsed options (same names); ``fixed`` overrides."""
+    import dataclasses
+
     from .pretrained import CompressConfig
 
-    return CompressConfig(
-        model_dir=args.model_dir,
-        out=args.out,
-        task=args.task,
-        data=args.data,
-        seq_len=args.seq_len,
-        budget=args.budget,
-        factorization=args.factorization,
-        targets=args.targets,
-        exclude=args.exclude,
-        device=args.device,
-        dtype=args.dtype,
-        calibration_samples=args.calibration_samples,
-        evaluation_samples=args.evaluation_samples,
-        distill_samples=args.distill_samples,
-        distill_steps=args.distill_steps,
-        distill_tokens=args.distill_tokens,
-        time_limit=args.time_limit,
-        lr=args.lr,
-        refine_steps=args.refine_steps,
-        progress=not args.no_progress,
-        seed=args.seed,
-    )
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(CompressConfig)
+        if hasattr(args, f.name)
+    }
+    return CompressConfig(**{**given, "progress": not args.no_progress, **fixed})
 
 
 def _compress(args: argparse.Namespace) -> int:
     from .errors import TensorfoldError
     from .pretrained import compress
-    from .pretrained.pipeline import check_config
 
-    config = _config_from(args)
     try:
-        check_config(config)  # type: ignore[arg-type]
-        compress(config)  # type: ignore[arg-type]
+        compress(_config_from(args))
     except TensorfoldError as exc:
         return _fail("compress", str(exc))
     except KeyboardInterrupt:
@@ -89,15 +73,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
+    from .errors import TensorfoldError
 
     try:
         model_dir = demo.model_directory()
     except demo.DemoUnavailable as exc:
         return _fail("demo", str(exc))
-    from .errors import TensorfoldError
-
+    config = _config_from(
+        args,
+        model_dir=model_dir,
+        targets=[demo.ENCODER_TARGETS],
+        calibration_samples=args.calibration_samples or demo.CALIBRATION_SENTENCES,
+        evaluation_samples=args.evaluation_samples or demo.EVALUATION_SENTENCES,
+    )
     try:
-        demo.run(model_dir, args)
+        demo.run(config)
     except TensorfoldError as exc:
         return _fail("demo", str(exc))
     return 0

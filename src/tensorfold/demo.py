@@ -9,12 +9,14 @@ reported on held-out sentences of that corpus and on English text of another sou
 
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .pretrained import CompressConfig, CompressResult
 
 DEMO_INSTALL = (
     "the demo needs the optional 'demo' extra: pip install 'tensorfold[demo]' "
@@ -62,36 +64,19 @@ def embed(model: nn.Module, batches: list[dict[str, Tensor]]) -> Tensor:
     return torch.cat([model(dict(b))["sentence_embedding"].float() for b in batches])
 
 
-def run(model_dir: str, args: argparse.Namespace) -> Any:
-    """Both parts of ``tensorfold demo``; ``args`` are the demo's command-line options."""
+def run(config: CompressConfig) -> CompressResult:
+    """Both parts of ``tensorfold demo``: the layer stack, then ``config``'s compression of
+    MiniLM (the CLI fills in the model directory, the targets and the sentence counts)."""
     from . import layer_demo
-    from .pretrained import CompressConfig, compress
+    from .pretrained import compress
 
     # Part 1 (seconds): one layer stack, every format: parameters, error and speed.
     layer_demo.main()
     print()
     # Part 2: a real pretrained encoder, compressed whole.
     print(
-        f"tensorfold demo: all-MiniLM-L6-v2 from {model_dir}, its 36 encoder linear layers, "
-        f"budget {args.budget}, factorization {args.factorization!r}, {os.cpu_count()} CPU cores"
-    )
-    config = CompressConfig(
-        model_dir=model_dir,
-        out=args.out,
-        budget=args.budget,
-        factorization=args.factorization,
-        targets=[ENCODER_TARGETS],
-        calibration_samples=args.calibration_samples or CALIBRATION_SENTENCES,
-        evaluation_samples=args.evaluation_samples or EVALUATION_SENTENCES,
-        distill_samples=args.distill_samples,
-        distill_steps=args.distill_steps,
-        distill_tokens=args.distill_tokens,
-        time_limit=args.time_limit or None,
-        lr=args.lr,
-        refine_steps=args.refine_steps,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-        seed=args.seed,
+        f"tensorfold demo: all-MiniLM-L6-v2 from {config.model_dir}, its 36 encoder linear "
+        f"layers, budget {config.budget}, factorization {config.factorization!r}, "
+        f"{os.cpu_count()} CPU cores"
     )
     return compress(config)

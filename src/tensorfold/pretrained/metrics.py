@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -94,10 +93,3 @@ class LanguageModelMeter:
         return LanguageModelFit(
             math.exp(self.nll_ref / n), math.exp(self.nll / n), self.agree / n, self.tokens
         )
-
-
-@torch.no_grad()
-def output_cosine(out: Tensor, ref: Tensor) -> tuple[float, float]:
-    """Mean and minimum cosine of per-sample outputs (flattened per sample)."""
-    cos = F.cosine_similarity(out.flatten(1).float(), ref.flatten(1).float(), dim=-1)
-    return float(cos.mean()), float(cos.min())

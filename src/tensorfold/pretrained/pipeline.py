@@ -8,7 +8,6 @@ runs, and the output directory appears whole or not at all.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -372,15 +371,6 @@ def _teacher_fits(task: ModelTask, batches: list[Any]) -> bool:
 
 
 # ---- output --------------------------------------------------------------------------------
-def quality_dict(quality: Any) -> dict[str, Any]:
-    """A quality figure as plain numbers (properties such as ratios included)."""
-    out = dataclasses.asdict(quality)
-    for name in dir(type(quality)):
-        if isinstance(getattr(type(quality), name), property):
-            out[name] = getattr(quality, name)
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
-
-
 def write_output(
     result: CompressResult, loaded: models.Loaded, run: Callable[[nn.Module], Any]
 ) -> Path:

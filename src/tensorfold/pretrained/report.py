@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -12,6 +13,15 @@ from ..files import atomic_savefig, atomic_write
 
 if TYPE_CHECKING:
     from .pipeline import CompressResult
+
+
+def quality_dict(quality: Any) -> dict[str, Any]:
+    """A quality figure as plain numbers (properties such as ratios included)."""
+    out = dataclasses.asdict(quality)
+    for name in dir(type(quality)):
+        if isinstance(getattr(type(quality), name), property):
+            out[name] = getattr(quality, name)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
 def short_name(name: str) -> str:
@@ -35,8 +45,6 @@ def text(result: CompressResult) -> str:
 
 
 def summary(result: CompressResult) -> dict[str, Any]:
-    from .pipeline import quality_dict
-
     rep = result.report
     layers = [
         {
@@ -100,8 +108,6 @@ def plot(result: CompressResult, path: Path) -> None:
     ax2.legend(loc="upper right")
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=90, fontsize=7)
-    from .pipeline import quality_dict
-
     sets = list(result.before_distill)
     label = ""
     for i, name in enumerate(sets):

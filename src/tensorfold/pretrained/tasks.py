@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..convert.distill import relative_mse
 from ..errors import ConversionError
 from . import data as datamod
-from .metrics import Fidelity, LanguageModelMeter, fidelity, output_cosine
+from .metrics import Fidelity, LanguageModelMeter, fidelity
 from .models import Loaded
 
 Batch = dict[str, Tensor]
@@ -186,10 +186,6 @@ class CausalLMTask(ModelTask):
         return meter.result()
 
 
-class VisionFit(Fidelity):
-    """Output cosine of a vision model (pooled output or logits); k-NN over images."""
-
-
 class VisionTask(ModelTask):
     """A vision encoder or classifier: ``pixel_values`` from the model's image processor."""
 
@@ -244,10 +240,7 @@ class VisionTask(ModelTask):
     def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Any:
         outs = [self.pooled(self.forward(student, b)).float().cpu() for b in batches]
         refs = [self.pooled(self.forward(teacher, b)).float().cpu() for b in batches]
-        out, ref = torch.cat(outs), torch.cat(refs)
-        fid = fidelity(out, ref)
-        mean, low = output_cosine(out, ref)
-        return VisionFit(mean, low, fid.knn_agreement)
+        return fidelity(torch.cat(outs), torch.cat(refs))
 
 
 TASK_CLASSES: dict[str, type[ModelTask]] = {
