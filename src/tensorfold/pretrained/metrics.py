@@ -29,6 +29,7 @@ def fidelity(emb: Tensor, ref: Tensor, k: int = 10) -> Fidelity:
     neighbours (cosine) of each sample among the others, ``k`` capped below the count.
 
     Example:
+        >>> import torch
         >>> ref = torch.eye(4)
         >>> fidelity(ref.clone(), ref, k=2).mean_cosine
         1.0
