@@ -102,7 +102,7 @@ def whitened_problem(
     return WhitenedProblem(w, chol, target)
 
 
-def _matrix_rank_budget(weight: FactorizedTensor) -> int:
+def _matrix_rank_at_same_count(weight: FactorizedTensor) -> int:
     out_f, in_f = math.prod(weight.out_modes), math.prod(weight.in_modes)
     return max(1, min(out_f, in_f, weight.num_parameters() // (out_f + in_f)))
 
@@ -141,7 +141,7 @@ def fit_weight(
             return problem.error(weight.to_matrix())
     starts: list[tuple[float, list[Tensor]]] = []
     exact = False
-    candidates = [problem.low_rank(_matrix_rank_budget(weight))] if data_aware else []
+    candidates = [problem.low_rank(_matrix_rank_at_same_count(weight))] if data_aware else []
     candidates.append(
         problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol)
     )

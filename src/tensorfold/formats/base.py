@@ -193,21 +193,23 @@ class FactorizedTensor(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _rank_from_int(
-        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
-    ) -> Any:
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> Any:
+        """The resolved rank for an int rank (e.g. every bond, or the CP rank), checked."""
         raise NotImplementedError
 
     @classmethod
-    def _rank_from_sequence(
+    def rank_from_sequence(
         cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ) -> Any:
+        """The resolved rank for an explicit tuple (one entry per bond or mode), checked."""
         raise NotImplementedError
 
     @classmethod
-    def _rank_for_budget(
-        cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    def rank_for_count(
+        cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ) -> Any:
+        """The largest resolved rank whose factors hold at most ``n_params`` numbers (what a
+        fractional rank asks for: ``n_params = rank * dense count``)."""
         raise NotImplementedError
 
     def init_stds(self, target_std: float) -> list[float | None]:
@@ -265,7 +267,7 @@ class FactorizedTensor(nn.Module):
         except RankError as err:
             if str(err).startswith("rank="):
                 raise
-            # A format's rule that only saw the derived budget: name the argument.
+            # A format's rule that only saw the derived parameter count: name the argument.
             raise RankError(f"rank={rank!r}: {err}") from None
 
     @classmethod
@@ -286,17 +288,17 @@ class FactorizedTensor(nn.Module):
             if not math.isfinite(rank) or rank <= 0:
                 raise RankError(f"rank={rank!r}: a fractional rank must be a finite float > 0")
             dense = math.prod(layer_shape) * math.prod(out_modes) * math.prod(in_modes)
-            return cls._rank_for_budget(max(1, int(rank * dense)), out_modes, in_modes, layer_shape)
+            return cls.rank_for_count(max(1, int(rank * dense)), out_modes, in_modes, layer_shape)
         if isinstance(rank, int):
             if rank < 1:
                 raise RankError(f"rank={rank!r} must be >= 1")
-            return cls._rank_from_int(rank, out_modes, in_modes, layer_shape)
+            return cls.rank_from_int(rank, out_modes, in_modes, layer_shape)
         if isinstance(rank, (tuple, list)):
             if not all(isinstance(r, int) and not isinstance(r, bool) for r in rank):
                 raise RankError(f"rank={rank!r} must hold only ints")
             if any(r < 1 for r in rank):
                 raise RankError(f"rank={tuple(rank)!r} must hold ints >= 1")
-            return cls._rank_from_sequence(tuple(rank), out_modes, in_modes, layer_shape)
+            return cls.rank_from_sequence(tuple(rank), out_modes, in_modes, layer_shape)
         raise RankError(
             f"rank={rank!r} of type {type(rank).__name__} must be 'same', a float > 0, "
             "an int >= 1 or a tuple of ints"
@@ -476,16 +478,16 @@ class FactorizedTensor(nn.Module):
         return f"out_modes={self.out_modes}, in_modes={self.in_modes}{layers}, rank={self.rank}"
 
 
-def fill_budget(
+def fill_to_count(
     ranks: list[int],
     caps: Sequence[int],
     count: Callable[[list[int]], int],
-    budget: int,
+    n_params: int,
     order: Sequence[int],
 ) -> list[int]:
-    """Raise ranks while the count fits ``budget``: greedy single steps (in ``order``, one
+    """Raise ranks while the count stays within ``n_params``: greedy single steps (in ``order``, one
     per pass, so ranks stay balanced), then moves of one step from one rank to another
-    where that gets closer to the budget (products of ranks jump in coarse steps)."""
+    where that gets closer to ``n_params`` (products of ranks jump in coarse steps)."""
     for _ in range(4 * sum(caps) + 1):  # every round raises the count, so this bound is loose
         grew = True
         while grew:
@@ -493,7 +495,7 @@ def fill_budget(
             for k in order:
                 if ranks[k] < caps[k]:
                     ranks[k] += 1
-                    if count(ranks) <= budget:
+                    if count(ranks) <= n_params:
                         grew = True
                     else:
                         ranks[k] -= 1
@@ -506,7 +508,7 @@ def fill_budget(
                 trial[k] -= 1
                 trial[j] += 1
                 n = count(trial)
-                if current < n <= budget and (best is None or n > best[0]):
+                if current < n <= n_params and (best is None or n > best[0]):
                     best = (n, trial)
         if best is None:
             break

@@ -35,13 +35,11 @@ class CPTensor(FactorizedTensor):
         return (r, *(m + r for m in layer + out + inp))
 
     @classmethod
-    def _rank_from_int(
-        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
-    ) -> int:
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
         return rank
 
     @classmethod
-    def _rank_from_sequence(
+    def rank_from_sequence(
         cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ) -> int:
         if len(rank) != 1:
@@ -49,11 +47,11 @@ class CPTensor(FactorizedTensor):
         return rank[0]
 
     @classmethod
-    def _rank_for_budget(
-        cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    def rank_for_count(
+        cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ) -> int:
         per_rank = 1 + sum(layer_shape + out_modes + in_modes)
-        return max(1, budget // per_rank)
+        return max(1, n_params // per_rank)
 
     def init_stds(self, target_std: float) -> list[float | None]:
         # Var(T) = R * prod_k var(a_k) with unit weights: share the scale equally.

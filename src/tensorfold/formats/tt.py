@@ -14,7 +14,7 @@ from .base import (
     Modes,
     bond_caps,
     center_out,
-    fill_budget,
+    fill_to_count,
     largest_fitting,
     register,
 )
@@ -48,7 +48,7 @@ def resolve_bonds_from_sequence(rank: tuple[int, ...], dims: Modes, fmt: str) ->
     return tuple(rank)
 
 
-def resolve_bonds_for_budget(budget: int, dims: Modes) -> tuple[int, ...]:
+def bonds_for_count(n_params: int, dims: Modes) -> tuple[int, ...]:
     caps = bond_caps(dims)
     if not caps:
         return ()
@@ -56,9 +56,9 @@ def resolve_bonds_for_budget(budget: int, dims: Modes) -> tuple[int, ...]:
     def count(bonds: list[int]) -> int:
         return tt_parameter_count(tuple(bonds), dims)
 
-    uniform = largest_fitting(1, max(caps), lambda r: count([min(r, c) for c in caps]) <= budget)
+    uniform = largest_fitting(1, max(caps), lambda r: count([min(r, c) for c in caps]) <= n_params)
     bonds = [min(uniform, c) for c in caps]
-    return tuple(fill_budget(bonds, caps, count, budget, center_out(len(caps))))
+    return tuple(fill_to_count(bonds, caps, count, n_params, center_out(len(caps))))
 
 
 def tt_init_std(target_std: float, bonds: tuple[int, ...], n_cores: int) -> float:
@@ -94,18 +94,18 @@ class TTTensor(FactorizedTensor):
         return tuple(bonds[k] + m + bonds[k + 1] for k, m in enumerate(modes))
 
     @classmethod
-    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
         return resolve_bonds_from_int(rank, layer_shape + out_modes + in_modes)
 
     @classmethod
-    def _rank_from_sequence(
+    def rank_from_sequence(
         cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ):
         return resolve_bonds_from_sequence(rank, layer_shape + out_modes + in_modes, "tt")
 
     @classmethod
-    def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
-        return resolve_bonds_for_budget(budget, layer_shape + out_modes + in_modes)
+    def rank_for_count(cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+        return bonds_for_count(n_params, layer_shape + out_modes + in_modes)
 
     def init_stds(self, target_std: float) -> list[float | None]:
         n = len(self.factors)

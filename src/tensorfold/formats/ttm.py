@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import RankError
 from .base import FactorizedTensor, Modes, register
 from .tt import (
-    resolve_bonds_for_budget,
+    bonds_for_count,
     resolve_bonds_from_int,
     resolve_bonds_from_sequence,
     tt_init_std,
@@ -71,24 +71,24 @@ class TTMTensor(FactorizedTensor):
         return tuple(subs)
 
     @classmethod
-    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
         dims = core_dims(out_modes, in_modes, layer_shape)
         if len(dims) == 1:
             raise RankError(_single_core_message(f"rank={rank}", dims))
         return resolve_bonds_from_int(rank, dims)
 
     @classmethod
-    def _rank_from_sequence(
+    def rank_from_sequence(
         cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ):
         return resolve_bonds_from_sequence(rank, core_dims(out_modes, in_modes, layer_shape), "ttm")
 
     @classmethod
-    def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def rank_for_count(cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
         dims = core_dims(out_modes, in_modes, layer_shape)
-        if len(dims) == 1 and budget < 0.95 * dims[0]:
-            raise RankError(_single_core_message(f"a budget of {budget} parameters", dims))
-        return resolve_bonds_for_budget(budget, dims)
+        if len(dims) == 1 and n_params < 0.95 * dims[0]:
+            raise RankError(_single_core_message(f"a budget of {n_params} parameters", dims))
+        return bonds_for_count(n_params, dims)
 
     def init_stds(self, target_std: float) -> list[float | None]:
         n = len(self.factors)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import RankError
-from .base import FactorizedTensor, Modes, fill_budget, register
+from .base import FactorizedTensor, Modes, fill_to_count, register
 
 
 @register
@@ -35,12 +35,12 @@ class TuckerTensor(FactorizedTensor):
         return (ranks, *(m + r for m, r in zip(modes, ranks, strict=False)))
 
     @classmethod
-    def _rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
         # A rank above a mode's size adds nothing: cap it there.
         return layer_shape + tuple(min(rank, d) for d in out_modes + in_modes)
 
     @classmethod
-    def _rank_from_sequence(
+    def rank_from_sequence(
         cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ):
         weight_dims = out_modes + in_modes
@@ -58,7 +58,7 @@ class TuckerTensor(FactorizedTensor):
         return tuple(rank)
 
     @classmethod
-    def _rank_for_budget(cls, budget: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
+    def rank_for_count(cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes):
         dims = out_modes + in_modes
 
         def count(ranks: list[int]) -> int:
@@ -72,10 +72,10 @@ class TuckerTensor(FactorizedTensor):
         lo, hi = 0.0, 1.0
         for _ in range(60):  # bisection on the shared fraction of each mode kept
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count(proportional(mid)) <= budget else (lo, mid)
+            lo, hi = (mid, hi) if count(proportional(mid)) <= n_params else (lo, mid)
         ranks = proportional(lo)
         order = sorted(range(len(dims)), key=lambda k: -dims[k])
-        ranks = fill_budget(ranks, dims, count, budget, order)
+        ranks = fill_to_count(ranks, dims, count, n_params, order)
         return layer_shape + tuple(ranks)
 
     def init_stds(self, target_std: float) -> list[float | None]:
