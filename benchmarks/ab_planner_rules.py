@@ -33,8 +33,9 @@ import torch
 
 import tensorfold
 from tensorfold import choice, functional, paths, steps
+from tensorfold.formats import names
 
-FORMATS = ("cp", "tucker", "tt", "ttm")
+FORMATS = names()
 FRACTIONS = (0.01, 0.1)
 _COMPILE = steps.compile_path
 _BROADCAST_SPLIT = steps.broadcast_split

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 import tensorfold
 from tensorfold.files import atomic_savefig, atomic_write
-from tensorfold.functional import layer_program
+from tensorfold.formats import names
+from tensorfold.functional import IMPLEMENTATIONS, layer_program
 
 FULL_SHAPES = [(1024, 1024), (768, 3072), (3072, 768), (4096, 4096)]
 FULL_BATCHES: list[tuple[int, ...]] = [(32,), (1024,), (16, 128)]
@@ -53,8 +54,7 @@ FULL_FRACTIONS = [0.01, 0.1]
 QUICK_SHAPES = [(64, 64), (128, 256)]
 QUICK_BATCHES: list[tuple[int, ...]] = [(1,), (4, 8)]
 QUICK_FRACTIONS = [0.1]
-FORMATS = ["cp", "tucker", "tt", "ttm"]
-IMPLS = ["factorized", "reconstructed", "auto"]
+FORMATS = list(names())
 TLTORCH_NAME = {"cp": "cp", "tucker": "tucker", "ttm": "blocktt"}  # tltorch rejects 'tt'
 
 
@@ -86,7 +86,7 @@ def build_candidates(
     for fmt in formats:
         for frac in fractions:
             base = None
-            for impl in IMPLS:
+            for impl in IMPLEMENTATIONS:
                 layer = tensorfold.FactorizedLinear(
                     in_modes,
                     out_modes,
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for regime in regimes:
                     r: dict[str, float | None] = {"dense_ms": dense[regime] * 1e3}
-                    for impl in IMPLS:
+                    for impl in IMPLEMENTATIONS:
                         t = med.get(f"{fmt}|{frac}|{impl}", {}).get(regime)
                         r[impl] = t / dense[regime] if t else None
                     tl = [

@@ -23,6 +23,7 @@ import torch
 
 from tensorfold import demo, tensorize
 from tensorfold.files import atomic_savefig, atomic_write
+from tensorfold.formats import names
 from tensorfold.pretrained import CompressConfig, compress
 from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences
 from tensorfold.pretrained.metrics import fidelity
@@ -90,7 +91,7 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--formats", nargs="+", default=["tt", "cp", "tucker", "ttm", "auto"])
+    p.add_argument("--formats", nargs="+", default=[*names(), "auto"])
     p.add_argument("--distill-steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument(

@@ -19,6 +19,8 @@ import torch
 from bench_linear import time_cell as interleaved_medians  # benchmarks/ is this script's folder
 
 import tensorfold
+from tensorfold.formats import names
+from tensorfold.functional import IMPLEMENTATIONS
 
 
 def time_cell(cands: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -47,11 +49,11 @@ def main() -> None:
         tensorly.set_backend("pytorch")
     in_m, out_m = tensorfold.tensorized_shape(1024, 1024, 3)
     print(f"1024x1024 as {out_m}x{in_m}, {a.threads} thread(s); ratios to dense, medians")
-    for fmt in ("cp", "tucker", "tt", "ttm"):
+    for fmt in names():
         for frac in (0.01, 0.1):
             for rows in (32, 1024):
                 cands: dict[str, torch.nn.Module] = {"dense": torch.nn.Linear(1024, 1024)}
-                for impl in ("factorized", "reconstructed", "auto"):
+                for impl in IMPLEMENTATIONS:
                     cands[impl] = tensorfold.FactorizedLinear(
                         in_m, out_m, factorization=fmt, rank=frac, implementation=impl
                     )

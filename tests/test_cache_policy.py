@@ -12,9 +12,10 @@ import tensorfold
 from tensorfold import ImplementationError
 from tensorfold.choice import choose
 from tensorfold.contraction import contraction_plan
+from tensorfold.formats import names
 from tensorfold.functional import choose_implementation, factorized_linear, split_weight
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 POLICIES = ["none", "split", "weights", 0, 10**9]
 
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from tensorfold import FactorizedLinear
+from tensorfold.formats import names
+from tensorfold.functional import IMPLEMENTATIONS
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
-IMPLEMENTATIONS = ["factorized", "reconstructed", "auto"]
+FORMATS = list(names())
 GRID = [(f, i) for f in FORMATS for i in IMPLEMENTATIONS]
 INDUCTOR_SUBSET = [("tucker", "factorized"), ("ttm", "auto")]
 

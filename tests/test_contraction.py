@@ -11,10 +11,10 @@ import torch
 import tensorfold
 from tensorfold import choice, cost, runtime, steps
 from tensorfold.contraction import batch_bucket, contraction_plan
-from tensorfold.formats import get_format
+from tensorfold.formats import get_format, names
 from tensorfold.functional import layer_program, reconstruct_weight
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 
 
 def _clear_caches() -> None:

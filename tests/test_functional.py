@@ -6,7 +6,7 @@ from tensorfold.errors import ImplementationError, ShapeError
 from tensorfold.formats import get_format
 
 
-@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+@pytest.mark.parametrize("implementation", F.IMPLEMENTATIONS)
 def test_functional_tt_matches_dense(implementation):
     g = torch.Generator().manual_seed(0)
     cores = [

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import tensorfold
+from tensorfold.formats import names
 from tensorfold.functional import (
+    IMPLEMENTATIONS,
     choose_implementation,
     factorized_linear,
     layer_program,
 )
 from tensorfold.runtime import LeanFactorized
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
+FORMATS = list(names())
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ def _dense_reference(layer: tensorfold.FactorizedLinear, x: torch.Tensor, idx=0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("grad", [False, True])
 def test_paths_match_dense_float64(fmt: str, implementation: str, grad: bool) -> None:
     torch.manual_seed(0)

@@ -13,9 +13,10 @@ from torch import nn
 import tensorfold
 from tensorfold import FactorizedLinear
 from tensorfold.errors import LayerIndexError, ShapeError, TensorfoldError
+from tensorfold.formats import names
+from tensorfold.functional import IMPLEMENTATIONS
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
-IMPLEMENTATIONS = ["factorized", "reconstructed", "auto"]
+FORMATS = list(names())
 # (in modes, out modes): equal counts, unequal counts (TT-matrix pads), a single mode each.
 SHAPES = [((3, 4), (2, 5)), ((2, 3, 2), (4, 5)), ((6,), (5,))]
 N_LAYERS = [1, 3, (2, 2)]

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from tensorfold import FactorizedLinear
+from tensorfold.formats import names
+from tensorfold.functional import IMPLEMENTATIONS
 
-FORMATS = ["cp", "tucker", "tt", "ttm"]
-IMPLEMENTATIONS = ["factorized", "reconstructed", "auto"]
+FORMATS = list(names())
 IN_MODES, OUT_MODES = (4, 4, 4), (4, 8, 2)  # 64 -> 64
 
 

@@ -23,6 +23,7 @@ from reference import dense_weight  # noqa: E402
 
 from tensorfold import FactorizedLinear, TensorfoldError  # noqa: E402
 from tensorfold.formats import names  # noqa: E402
+from tensorfold.functional import IMPLEMENTATIONS  # noqa: E402
 
 FORMATS = list(names())
 NAMES = {
@@ -31,7 +32,6 @@ NAMES = {
     "tt": ["tt", "TT"],
     "ttm": ["ttm", "blocktt", "tt-matrix", "MPO"],
 }
-IMPLEMENTATIONS = ["factorized", "reconstructed", "auto"]
 SIDE_BUDGET = 96  # largest in_features / out_features drawn: keeps every example small
 # Layer + out + in modes per valid example. Planning a first forward of a network with
 # 10+ modes takes seconds to minutes (CP, Tucker: see docs/reliability.md), so the default
@@ -222,7 +222,7 @@ n_layers_arg = mostly(
     n_layers_st, st.sampled_from([0, -2, (), (0,), (2, -1), 1.5, "2", None, True, [2, 2]])
 )
 implementation_arg = mostly(
-    st.sampled_from(IMPLEMENTATIONS + ["AUTO", "Factorized"]),
+    st.sampled_from([*IMPLEMENTATIONS, "AUTO", "Factorized"]),
     st.sampled_from(["fast", "", None, 1, "einsum"]),
 )
 indices_arg = mostly(
