@@ -8,7 +8,18 @@ Example:
 """
 
 from . import functional
-from .convert import distill, load, plan, revert, save, tensorize
+from .convert import (
+    DistillOptions,
+    FitOptions,
+    ModelCall,
+    PlanOptions,
+    distill,
+    load,
+    plan,
+    revert,
+    save,
+    tensorize,
+)
 from .errors import (
     ConversionError,
     DecompositionError,
@@ -41,6 +52,10 @@ __all__ = [
     "distill",
     "save",
     "load",
+    "PlanOptions",
+    "FitOptions",
+    "ModelCall",
+    "DistillOptions",
     "from_pretrained",
     "TensorfoldError",
     "ShapeError",

@@ -3,6 +3,7 @@
 from .core import ConversionPlan, ConversionReport, LayerPlan, plan, revert, tensorize
 from .distill import distill
 from .io import load, save
+from .options import DistillOptions, FitOptions, ModelCall, PlanOptions
 
 __all__ = [
     "plan",
@@ -14,4 +15,8 @@ __all__ = [
     "ConversionPlan",
     "ConversionReport",
     "LayerPlan",
+    "PlanOptions",
+    "FitOptions",
+    "ModelCall",
+    "DistillOptions",
 ]

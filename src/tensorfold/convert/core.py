@@ -21,30 +21,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConversionError, TensorfoldError
-from ..formats import get_format, names
+from ..formats import get_format
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
 from ._util import (
     ForwardFn,
     as_batches,
-    call_model,
     is_linear,
     linear_view,
     match_modules,
-    output_tensor,
     set_module,
 )
 from .calibrate import LayerStats, input_groups, record_inputs, record_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
+from .options import (
+    FitOptions,
+    ModelCall,
+    PlanOptions,
+    resolve,
+)
 from .replay import BlockReplay, block_index, find_stack
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan", "tensorize", "revert"]
 
-FORMATS = names()
-# What 'auto' tries per layer. One-mode CP holds the same low-rank matrices as one-mode TT
-# (plus a weight vector), and on MiniLM 'auto' never picked TT-matrix or CP for a used layer
-# (benchmarks/RESULTS.md): trying them costs fitting time only. Name a format to use it.
-AUTO_CANDIDATES = ("tt", "tucker")
 # Modes per side when the user gives none. Fewer modes are more expressive for trained
 # weights: one mode makes CP and TT a low-rank matrix factorisation (TT's bond is the
 # matrix rank); TT-matrix needs two to compress at all; Tucker with one mode caps the
@@ -155,35 +154,6 @@ class ConversionReport(ConversionPlan):
         return super().__str__().replace("tensorfold plan:", "tensorfold report:", 1) + (
             f"\ntime: {self.seconds:.1f} s"
         )
-
-
-# ---- argument checks -----------------------------------------------------------------------
-def check_budget(budget: object) -> float | None:
-    if budget is None:
-        return None
-    if (
-        isinstance(budget, bool)
-        or not isinstance(budget, (int, float))
-        or not 0 < float(budget) <= 1
-    ):
-        raise ConversionError(
-            f"budget={budget!r} must be a float in (0, 1]: the fraction of the matched "
-            "linear parameters to keep"
-        )
-    return float(budget)
-
-
-def check_factorization(factorization: object) -> str:
-    if not isinstance(factorization, str):
-        raise ConversionError(f"factorization={factorization!r} must be one of {FORMATS} or 'auto'")
-    if factorization.lower() == "auto":
-        return "auto"
-    try:
-        return get_format(factorization).name
-    except TensorfoldError as exc:
-        raise ConversionError(
-            f"factorization={factorization!r} is not known: {exc}; use one of {FORMATS} or 'auto'"
-        ) from exc
 
 
 def _modes_for(
@@ -345,44 +315,27 @@ def _fit_budget(
 # ---- public API ----------------------------------------------------------------------------
 def plan(
     model: nn.Module,
-    budget: float | None = 0.5,
-    factorization: str = "tt",
-    targets: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    options: PlanOptions | None = None,
     calibration: Iterable[Any] | None = None,
-    rank: Any = None,
-    n_tensorized_modes: int | dict[str, int] | None = None,
-    allocation: str = "global",
-    forward: ForwardFn = call_model,
-    output_fn: Callable[[Any], Tensor] = output_tensor,
+    *,
+    call: ModelCall | None = None,
     progress: bool = False,
-    candidates: Sequence[str] = AUTO_CANDIDATES,
     _stats: dict[str, LayerStats] | None = None,
+    **fields: Any,
 ) -> ConversionPlan:
     """Decide, changing nothing, how each matched ``nn.Linear`` is factorized.
 
     Args:
-        model: any module; its ``nn.Linear`` submodules (exact type) are candidates.
-        budget: fraction in (0, 1] of the matched layers' weight parameters to keep, met
-            within 2% overall. ``None`` uses ``rank`` for every layer instead.
-        factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or ``'auto'`` (per layer the
-            format with the lowest calibrated error at the layer's allocated size).
-        targets: glob pattern(s) on full module names (``fnmatch``; ``*`` crosses dots);
-            ``None`` matches every ``nn.Linear``.
-        exclude: glob pattern(s); matching modules are never converted.
+        model: any module; its ``nn.Linear`` (and ``Conv1D``) submodules are candidates.
+        options: a :class:`~tensorfold.convert.options.PlanOptions` (budget, factorization,
+            targets, exclude, rank, n_tensorized_modes, allocation, candidates); its fields
+            can also be given as keywords, which override it.
         calibration: iterable of model inputs. With it, ranks are allocated from each
             layer's *whitened* spectrum weighted by its measured end-to-end sensitivity;
             without it, from the spectrum of the weights.
-        rank: with ``budget=None``, the rank given to every layer (any ``FactorizedLinear``
-            rank: ``'same'``, a fraction, an int or a tuple).
-        n_tensorized_modes: modes per side (int, or dict format -> int); default one per
-            side for 'cp'/'tt' (a low-rank matrix), two for 'tucker'/'ttm'.
-        allocation: ``'global'`` (rank allocation across layers) or ``'uniform'`` (every
-            layer keeps ``budget`` of its parameters).
-        forward: ``forward(model, batch)`` runs the model on one calibration batch.
-        output_fn: maps the model's output to the tensor whose distortion is measured.
+        call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
+            also as keywords.
         progress: show tqdm bars.
-        candidates: the formats ``'auto'`` tries per layer (default ``AUTO_CANDIDATES``).
 
     Returns:
         A :class:`ConversionPlan` (print it for a table).
@@ -395,14 +348,12 @@ def plan(
         >>> [lp.name for lp in p.layers], round(p.kept, 1)
         (['0'], 0.5)
     """
-    budget = check_budget(budget)
-    fmt = check_factorization(factorization)
-    if allocation not in ("global", "uniform"):
-        raise ConversionError(f"allocation={allocation!r} must be 'global' or 'uniform'")
-    if budget is None and rank is None:
-        raise ConversionError(
-            "give budget= (a fraction of the linear parameters) or rank= (per layer)"
-        )
+    groups = (PlanOptions, ModelCall)
+    opts = resolve("plan", PlanOptions, options, fields, groups)
+    how = resolve("plan", ModelCall, call, fields, groups)
+    budget, fmt, targets, exclude = opts.budget, opts.factorization, opts.targets, opts.exclude
+    n_tensorized_modes = opts.n_tensorized_modes
+    forward, output_fn = how.forward, how.output_fn
     names = match_modules(model, targets, exclude)
     if not names:
         raise ConversionError(
@@ -418,9 +369,7 @@ def plan(
                 f"{lin.weight.dtype}: only floating-point nn.Linear can be converted"
             )
     batches = as_batches(calibration)
-    formats = [check_factorization(c) for c in candidates] if fmt == "auto" else [fmt]
-    if fmt == "auto" and (not formats or "auto" in formats):
-        raise ConversionError(f"candidates={candidates!r} must name one or more formats")
+    formats = opts.formats
     base_fmt = formats[0] if fmt != "auto" else "tt"
 
     from tqdm.auto import tqdm
@@ -432,7 +381,7 @@ def plan(
                 base_fmt, lin.in_features, lin.out_features, n_tensorized_modes
             )
             cls = get_format(base_fmt)
-            r = cls.resolve_rank(rank, out_modes, in_modes)
+            r = cls.resolve_rank(opts.rank, out_modes, in_modes)
             layers.append(
                 LayerPlan(
                     n,
@@ -457,7 +406,7 @@ def plan(
     problems = {
         n: whitened_problem(linears[n].weight, stats.get(n) if stats else None) for n in names
     }
-    if allocation == "uniform":
+    if opts.allocation == "uniform":
         shares = dict.fromkeys(names, budget)
         sens = dict.fromkeys(names, float("nan"))
     else:
@@ -623,34 +572,22 @@ def _fit_sequential(
 
 def tensorize(
     model: nn.Module,
-    budget: float | None = 0.5,
-    factorization: str = "tt",
-    targets: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    options: PlanOptions | None = None,
     calibration: Iterable[Any] | None = None,
-    rank: Any = None,
-    n_tensorized_modes: int | dict[str, int] | None = None,
-    allocation: str = "global",
-    sequential: bool = True,
-    refine_steps: int = 50,
-    implementation: str = "auto",
-    forward: ForwardFn = call_model,
-    output_fn: Callable[[Any], Tensor] = output_tensor,
-    progress: bool = True,
-    plan_: ConversionPlan | None = None,
-    candidates: Sequence[str] = AUTO_CANDIDATES,
+    *,
+    fit: FitOptions | None = None,
+    call: ModelCall | None = None,
+    from_plan: ConversionPlan | None = None,
     reference: nn.Module | None = None,
+    progress: bool = True,
+    **fields: Any,
 ) -> ConversionReport:
     """Replace the matched ``nn.Linear`` modules of ``model`` in place by ``FactorizedLinear``.
 
     Args are those of :func:`plan`, plus:
-        sequential: with calibration, fit each layer against the inputs it sees in the
-            partly compressed model (and the original layer's outputs), so later layers
-            correct earlier errors. One calibration pass per group of layers sharing an input.
-        refine_steps: L-BFGS iterations of the layer-wise refinement (formats that cannot hold
-            the optimal whitened low-rank matrix exactly).
-        implementation: forward implementation of the new layers.
-        plan_: a plan from :func:`plan` to apply as is.
+        fit: a :class:`~tensorfold.convert.options.FitOptions` (sequential, refine_steps,
+            implementation), also as keywords.
+        from_plan: a plan from :func:`plan` to apply as is (``options`` then unused).
         reference: an unchanged copy of ``model`` (e.g. the teacher kept for distillation).
             Sequential fitting then converts ``model`` itself group by group and reads the
             original layers' inputs from ``reference``, instead of working on a private
@@ -669,11 +606,17 @@ def tensorize(
     """
     from tqdm.auto import tqdm
 
+    groups = (PlanOptions, FitOptions, ModelCall)
+    opts = resolve("tensorize", PlanOptions, options, fields, groups)
+    how_fit = resolve("tensorize", FitOptions, fit, fields, groups)
+    how = resolve("tensorize", ModelCall, call, fields, groups)
+    sequential, refine_steps = how_fit.sequential, how_fit.refine_steps
+    implementation, forward = how_fit.implementation, how.forward
     start = time.perf_counter()
     batches = as_batches(calibration)
     stats = None
-    if plan_ is None:
-        names = match_modules(model, targets, exclude)
+    if from_plan is None:
+        names = match_modules(model, opts.targets, opts.exclude)
         if batches is not None and names:
             # Rank allocation needs only the spectra: a subset of the batches is enough when
             # the layers are then fitted sequentially on all of them.
@@ -681,23 +624,8 @@ def tensorize(
             bar = tqdm(total=len(alloc), desc="calibrating", disable=not progress, leave=False)
             stats = record_stats(model, names, alloc, forward, on_batch=bar.update)
             bar.close()
-        plan_ = plan(
-            model,
-            budget,
-            factorization,
-            targets,
-            exclude,
-            batches,
-            rank,
-            n_tensorized_modes,
-            allocation,
-            forward,
-            output_fn,
-            progress,
-            candidates,
-            _stats=stats,
-        )
-    layers = [copy.copy(lp) for lp in plan_.layers]
+        from_plan = plan(model, opts, batches, call=how, progress=progress, _stats=stats)
+    layers = [copy.copy(lp) for lp in from_plan.layers]
     modules = {lp.name: model.get_submodule(lp.name) for lp in layers}
     for lp in layers:
         lin = modules[lp.name]
@@ -767,9 +695,9 @@ def tensorize(
         set_module(model, name, layer)
     return ConversionReport(
         layers,
-        plan_.budget,
-        plan_.factorization,
-        plan_.data_aware,
+        from_plan.budget,
+        from_plan.factorization,
+        from_plan.data_aware,
         seconds=time.perf_counter() - start,
     )
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import ForwardFn, as_batches, call_model, match_names, output_tensor
+from ._util import as_batches, match_names, output_tensor
+from .options import DistillOptions, ModelCall, resolve
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
 
@@ -99,20 +100,13 @@ def distill(
     student: nn.Module,
     teacher: nn.Module,
     data: Iterable[Any],
-    steps: int = 200,
-    lr: float = 1e-4,
-    parameters: str = "factorized",
+    options: DistillOptions | None = None,
+    *,
     loss_fn: Callable[[Any, Any, Any], Tensor] | None = None,
-    forward: ForwardFn = call_model,
-    output_fn: Callable[[Any], Tensor] = output_tensor,
+    call: ModelCall | None = None,
     progress: bool = True,
-    features: str | Sequence[str] | None = None,
-    feature_weight: float = 1.0,
-    warmup: float = 0.05,
-    weight_decay: float = 0.0,
-    max_seconds: float | None = None,
-    cache_teacher: bool = False,
     losses: list[float] | None = None,
+    **fields: Any,
 ) -> list[float]:
     """Train ``student`` for ``steps`` AdamW steps to reproduce ``teacher``.
 
@@ -127,21 +121,13 @@ def distill(
         student: the converted model (trained in place).
         teacher: the original model (unchanged).
         data: batches of model inputs, cycled (shuffled once per pass after the first).
-        steps: optimiser steps.
-        lr: peak AdamW learning rate.
-        parameters: ``'factorized'``, ``'factorized+norms'`` or ``'all'``
-            (see :func:`trainable_parameters`).
-        features: glob pattern(s) on module names (the same rule as ``tensorize``'s
-            ``targets``, any module type) whose outputs are matched to the teacher's.
-        feature_weight: weight of the feature loss.
-        warmup: fraction of the steps spent warming the learning rate up.
-        weight_decay: AdamW weight decay.
-        max_seconds: a time limit: the learning-rate schedule then runs on whichever of
-            steps done and time spent is further along, and training ends when either
-            is used up (so a slow machine does fewer steps but still anneals to zero).
-        cache_teacher: keep the teacher's outputs (and matched features) of every batch
-            after its first pass, so later passes skip the teacher's forward. Costs the
-            memory of those outputs; worth it when ``steps`` exceeds the number of batches.
+        options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
+            parameters, features, feature_weight, warmup, weight_decay, max_seconds,
+            cache_teacher); its fields can also be given as keywords, which override it.
+        loss_fn: ``loss_fn(student_out, teacher_out, batch)`` replaces the default loss.
+        call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
+            also as keywords.
+        progress: show a tqdm bar.
         losses: a list to append each step's loss to as training goes (so a caller that
             catches ``KeyboardInterrupt`` knows how many steps were done); the default is
             a new list.
@@ -151,14 +137,15 @@ def distill(
     """
     from tqdm.auto import tqdm
 
+    groups = (DistillOptions, ModelCall)
+    opts = resolve("distill", DistillOptions, options, fields, groups)
+    how = resolve("distill", ModelCall, call, fields, groups)
+    steps, lr, features, max_seconds = opts.steps, opts.lr, opts.features, opts.max_seconds
+    forward, output_fn = how.forward, how.output_fn
     batches = as_batches(data)
     if batches is None:
         raise ConversionError("data must be an iterable of model inputs")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ConversionError(f"max_seconds={max_seconds!r} must be > 0 (or None: no limit)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConversionError(f"steps={steps!r} must be an int >= 0")
-    params = trainable_parameters(student, parameters)
+    params = trainable_parameters(student, opts.parameters)
     if not params:
         raise ConversionError(
             "the student has no parameters to train (no FactorizedLinear layers?)"
@@ -172,7 +159,7 @@ def distill(
     was_training = (student.training, teacher.training)
     student.eval()
     teacher.eval()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
     s_taps = _Taps(student, names) if names else None
     t_taps = _Taps(teacher, names) if names else None
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +177,7 @@ def distill(
         with torch.no_grad():
             out = forward(teacher, batches[i])
             feat = t_taps.take() if t_taps else {}
-        if cache_teacher:
+        if opts.cache_teacher:
             cached[i] = (out, feat)
         return out, feat
 
@@ -206,7 +193,7 @@ def distill(
                 if s_taps is not None:
                     s_feat = s_taps.take()
                     feat = sum(relative_mse(s_feat[n], t_feat[n]) for n in names if n in t_feat)
-                    loss = loss + feature_weight * feat / len(names)
+                    loss = loss + opts.feature_weight * feat / len(names)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # The schedule follows the steps done or, with max_seconds, the time spent,
@@ -217,7 +204,7 @@ def distill(
                 if done >= 1.0:
                     break
                 for group in opt.param_groups:
-                    group["lr"] = lr * _lr_factor(done, warmup)
+                    group["lr"] = lr * _lr_factor(done, opts.warmup)
                 opt.step()
                 losses.append(float(loss.detach()))
     finally:

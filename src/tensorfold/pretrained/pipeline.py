@@ -21,6 +21,14 @@ from torch import nn
 from ..convert import core
 from ..convert.core import ConversionPlan, ConversionReport
 from ..convert.distill import distill
+from ..convert.options import (
+    DistillOptions,
+    FitOptions,
+    ModelCall,
+    PlanOptions,
+    check_budget,
+    check_factorization,
+)
 from ..convert.replay import find_stack
 from ..errors import ConversionError
 from ..files import replacing_dir
@@ -124,8 +132,8 @@ def _positive_int(value: object, name: str, allow_zero: bool = False) -> None:
 
 def check_config(config: CompressConfig) -> torch.device:
     """Every check that needs no model: raises ConversionError naming the option."""
-    core.check_budget(config.budget)
-    core.check_factorization(config.factorization)
+    check_budget(config.budget)
+    check_factorization(config.factorization)
     if config.task is not None:
         models.check_task(config.task)
     _positive_int(config.seq_len, "seq_len")
@@ -263,25 +271,25 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
 
     student = copy.deepcopy(teacher)
     t = time.perf_counter()
-    plan_ = core.plan(
-        student,
-        config.budget,
-        config.factorization,
-        targets,
-        config.exclude,
-        cal[: max(1, len(cal) // 4)],
-        forward=task.forward,
-        progress=config.progress,
+    options = PlanOptions(
+        budget=config.budget,
+        factorization=config.factorization,
+        targets=targets,
+        exclude=config.exclude,
     )
-    print_fn(str(plan_))
+    call = ModelCall(forward=task.forward)
+    plan = core.plan(
+        student, options, cal[: max(1, len(cal) // 4)], call=call, progress=config.progress
+    )
+    print_fn(str(plan))
     report = core.tensorize(
         student,
         calibration=cal,
-        refine_steps=config.refine_steps,
-        forward=task.forward,
-        progress=config.progress,
-        plan_=plan_,
+        fit=FitOptions(refine_steps=config.refine_steps),
+        call=call,
+        from_plan=plan,
         reference=teacher,
+        progress=config.progress,
     )
     seconds["fit"] = time.perf_counter() - t
     before = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
@@ -305,7 +313,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     result = CompressResult(
         config,
         loaded.task,
-        plan_,
+        plan,
         report,
         counts,
         before,
@@ -341,19 +349,22 @@ def _distill(
     max_seconds = None if deadline is None else max(1e-3, deadline - time.perf_counter())
     losses: list[float] = []
     try:
-        losses = distill(
-            student,
-            teacher,
-            batches,
+        options = DistillOptions(
             steps=steps,
             lr=config.lr,
-            loss_fn=task.loss,
-            forward=task.forward,
-            progress=config.progress,
             features=block_features(student, names),
             parameters="factorized+norms",
             max_seconds=max_seconds,
             cache_teacher=_teacher_fits(task, batches),
+        )
+        distill(
+            student,
+            teacher,
+            batches,
+            options,
+            loss_fn=task.loss,
+            call=ModelCall(forward=task.forward),
+            progress=config.progress,
             losses=losses,
         )
     except KeyboardInterrupt:
