@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorfold.convert.calibrate import input_groups, record_inputs, record_stats
+from tensorfold.convert.calibrate import input_groups, record_stats
 
 
 class SharedInput(nn.Module):
@@ -25,17 +25,60 @@ def batches(n: int = 3) -> list[torch.Tensor]:
     return [torch.randn(2, 4, 6, generator=g) for _ in range(n)]
 
 
-def test_record_inputs_stores_a_shared_input_once() -> None:
+def gram(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None) -> torch.Tensor:
+    ys = xs if ys is None else ys
+    return sum(
+        y.reshape(-1, y.shape[-1]).double().T @ x.reshape(-1, x.shape[-1]).double()
+        for x, y in zip(xs, ys, strict=True)
+    )
+
+
+def test_layers_reading_one_tensor_share_their_statistics() -> None:
     torch.manual_seed(0)
     m = SharedInput()
-    names = ["q", "k", "v", "out"]
-    kept = record_inputs(m, names, batches())
-    assert kept is not None
-    for b, x in enumerate(batches()):
-        assert torch.equal(kept["q"][b], x.reshape(-1, 6))
-        assert kept["k"][b] is kept["q"][b] and kept["v"][b] is kept["q"][b]
-        assert kept["out"][b].shape == (8, 5)
-    assert record_inputs(m, names, batches(), limit_bytes=100) is None  # over the limit: nothing
+    stats = record_stats(m, ["q", "k", "v", "out"], batches())
+    assert stats["k"] is stats["q"] and stats["v"] is stats["q"] and stats["out"] is not stats["q"]
+    torch.testing.assert_close(stats["q"].cov, gram(batches()), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_moments_with_the_original_model_running_beside() -> None:
+    torch.manual_seed(0)
+    orig = SharedInput()
+    work = SharedInput()  # other weights: the inputs of "out" differ between the two
+    xs = batches()
+    ins: dict[str, list[torch.Tensor]] = {"o": [], "c": []}
+    h1 = orig.out.register_forward_pre_hook(lambda mod, a: ins["o"].append(a[0]))
+    h2 = work.out.register_forward_pre_hook(lambda mod, a: ins["c"].append(a[0]))
+    with torch.no_grad():
+        for x in xs:
+            orig(x), work(x)
+    h1.remove(), h2.remove()
+    stats = record_stats(work, ["q", "k", "out"], xs, original=orig)
+    torch.testing.assert_close(stats["out"].cov, gram(ins["c"]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats["out"].cross, gram(ins["c"], ins["o"]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats["k"].cross, gram(xs), rtol=1e-6, atol=1e-6)
+
+
+class SometimesShared(SharedInput):
+    """``k`` reads ``q``'s input on the first call only: statistics cannot be shared."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.out(self.q(x) + self.k(x if self.calls == 1 else 2 * x) * self.v(x))
+
+
+def test_sharing_falls_back_when_a_layer_reads_another_tensor_later() -> None:
+    torch.manual_seed(0)
+    m = SometimesShared()
+    xs = batches()
+    stats = record_stats(m, ["q", "k"], xs)
+    assert stats["k"] is not stats["q"]
+    torch.testing.assert_close(stats["q"].cov, gram(xs), rtol=1e-6, atol=1e-6)
+    # the retry's calls: k read x on the first call of the first attempt only
+    doubled = [2 * x for x in xs]
+    torch.testing.assert_close(stats["k"].cov, gram(doubled), rtol=1e-6, atol=1e-6)
 
 
 def test_record_stats_matches_float64_sums_and_groups_shared_inputs() -> None:

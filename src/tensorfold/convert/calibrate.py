@@ -41,34 +41,58 @@ def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
     return prod if acc is None else acc.add_(prod)
 
 
+class _NotShared(Exception):
+    """A layer read another tensor than the layer it shared statistics with."""
+
+
 @torch.no_grad()
 def record_stats(
     model: nn.Module,
     names: Sequence[str],
     batches: Sequence[Any],
     forward: ForwardFn = call_model,
-    original: nn.Module | dict[str, list[Tensor]] | None = None,
+    original: nn.Module | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> dict[str, LayerStats]:
     """Accumulate :class:`LayerStats` for the named ``nn.Linear``-like modules.
+
+    Layers that read the same input tensor (query, key and value) share one set of
+    statistics (the same ``LayerStats`` object), accumulated once.
 
     Args:
         model: the model whose layers' inputs are recorded (``x_c``).
         names: module names in ``model`` (and in ``original`` when given).
         batches: calibration inputs, each passed to ``forward(model, batch)``.
         forward: how to call the model on one batch.
-        original: when given, the same model before compression (``x_o``), or the
-            inputs it recorded (:func:`record_inputs`); otherwise ``x_o = x_c``. The
-            forward passes stop right after the last named layer.
+        original: when given, the same model before compression (``x_o``), run on each
+            batch just before ``model``; otherwise ``x_o = x_c``. The forward passes stop
+            right after the last named layer.
         on_batch: called after each batch (progress bars).
 
     Returns:
         ``{name: LayerStats}`` for the named modules that ran (unused ones are left out).
     """
+    try:
+        return _record_stats(model, names, batches, forward, original, on_batch, share=True)
+    except _NotShared:
+        return _record_stats(model, names, batches, forward, original, on_batch, share=False)
+
+
+def _record_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    forward: ForwardFn,
+    original: nn.Module | None,
+    on_batch: Callable[[], None] | None,
+    share: bool,
+) -> dict[str, LayerStats]:
     wanted = set(names)
     cov: dict[str, Tensor | None] = dict.fromkeys(names)
     cross: dict[str, Tensor | None] = dict.fromkeys(names)
     tokens = dict.fromkeys(names, 0)
+    owner: dict[str, str] = {}  # layer -> the layer whose statistics it shares (first batch)
+    read: dict[int, tuple[Tensor, str]] = {}  # this batch: id(input) -> (input, first reader)
     seen_o: set[str] = set()
     seen_c: set[str] = set()
     buf: dict[str, Tensor] = {}
@@ -85,11 +109,18 @@ def record_stats(
 
     def hook_c(name: str) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = _flat(args[0])
-            cov[name] = _accumulate(cov[name], x, x)
-            if original is not None:
-                cross[name] = _accumulate(cross[name], buf.pop(name), x)
-            tokens[name] += x.shape[0]
+            src = args[0]
+            first = read.get(id(src))
+            reader = first[1] if share and first is not None and first[0] is src else name
+            if owner.setdefault(name, reader) != reader:
+                raise _NotShared
+            if reader == name:
+                read[id(src)] = (src, name)  # holding src keeps its id unique in this batch
+                x = _flat(src)
+                cov[name] = _accumulate(cov[name], x, x)
+                if original is not None:
+                    cross[name] = _accumulate(cross[name], buf.pop(name), x)
+                tokens[name] += x.shape[0]
             seen_c.add(name)
             if seen_c == wanted:
                 raise StopForward
@@ -99,30 +130,33 @@ def record_stats(
     try:
         for name in names:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_c(name)))
-            if isinstance(original, nn.Module):
+            if original is not None:
                 handles.append(original.get_submodule(name).register_forward_pre_hook(hook_o(name)))
-        for b, batch in enumerate(batches):
-            if isinstance(original, dict):
-                for name in names:
-                    if original.get(name) and original[name][b] is not None:
-                        buf[name] = original[name][b].float()
-            elif original is not None:
+        for batch in batches:
+            if original is not None:
                 seen_o.clear()
                 run_until_stopped(forward, original, batch)
             seen_c.clear()
             run_until_stopped(forward, model, batch)
             buf.clear()
+            read.clear()
             if on_batch is not None:
                 on_batch()
     finally:
         for h in handles:
             h.remove()
-    out = {}
+    out: dict[str, LayerStats] = {}
     for name in names:
-        c = cov[name]
-        if c is None:  # never called on the calibration inputs: no statistics
+        first = owner.get(name)
+        if first is None:  # never called on the calibration inputs: no statistics
             continue
-        out[name] = LayerStats(c, c if original is None else cross[name], tokens[name])  # type: ignore[arg-type]
+        if first not in out:
+            c = cov[first]
+            assert c is not None
+            x = cross[first] if original is not None else c
+            assert x is not None
+            out[first] = LayerStats(c, x, tokens[first])
+        out[name] = out[first]
     return out
 
 
@@ -161,63 +195,3 @@ def input_groups(
             groups.append([name])
         last = x
     return groups
-
-
-class _TooLarge(Exception):
-    """The recorded inputs would exceed the memory limit."""
-
-
-@torch.no_grad()
-def record_inputs(
-    model: nn.Module,
-    names: Sequence[str],
-    batches: Sequence[Any],
-    forward: ForwardFn = call_model,
-    limit_bytes: int = 4 << 30,
-) -> dict[str, list[Tensor | None]] | None:
-    """The named layers' inputs on every batch (flattened to ``(tokens, in)``), one pass
-    that stops once every named layer has run.
-
-    Returns ``None`` (nothing kept) when they would take more than ``limit_bytes``.
-    """
-    kept: dict[str, list[Tensor | None]] = {n: [None] * len(batches) for n in names}
-    wanted = set(names)
-    seen: set[str] = set()
-    used = 0
-    current = 0
-    handles = []
-    # Layers that read the same tensor (query/key/value) share one stored copy.
-    shared: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            nonlocal used
-            src = args[0]
-            if id(src) in shared and shared[id(src)][0] is src:
-                kept[name][current] = shared[id(src)][1]
-            else:
-                x = _flat(src).clone()
-                used += x.numel() * x.element_size()
-                if used > limit_bytes:
-                    raise _TooLarge
-                shared[id(src)] = (src, x)  # holding src keeps its id unique during the pass
-                kept[name][current] = x
-            seen.add(name)
-            if seen == wanted:
-                raise StopForward
-
-        return fn
-
-    try:
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-        for current, batch in enumerate(batches):  # noqa: B007 - read by the hook
-            seen.clear()
-            run_until_stopped(forward, model, batch)
-            shared.clear()
-    except _TooLarge:
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    return kept

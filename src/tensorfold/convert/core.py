@@ -32,7 +32,7 @@ from ._util import (
     match_modules,
     set_module,
 )
-from .calibrate import LayerStats, input_groups, record_inputs, record_stats
+from .calibrate import LayerStats, input_groups, record_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
 from .options import (
     FitOptions,
@@ -193,49 +193,40 @@ def _layer_plan(name: str, linear: nn.Linear, fmt: str, share: float, n_modes: A
 
 # ---- rank allocation -----------------------------------------------------------------------
 @torch.no_grad()
-def _sensitivities(
+def _sensitivity(
     model: nn.Module,
-    names: Sequence[str],
-    problems: dict[str, WhitenedProblem],
+    name: str,
+    problem: WhitenedProblem,
     share: float,
     batches: Sequence[Any],
-    forward: ForwardFn,
-    output_fn: Callable[[Any], Tensor],
-    tick: Callable[[], None],
-) -> dict[str, float]:
-    """End-to-end output distortion when only one layer is replaced by its optimal whitened
-    matrix at the uniform share, divided by that layer's own relative squared error."""
-    refs = [output_fn(forward(model, b)).float() for b in batches]
-    out: dict[str, float] = {}
-    for name in names:
-        lin = model.get_submodule(name)
-        p = problems[name]
-        n_out, n_in = p.weight.shape
-        k = max(
-            1,
-            int(share * n_in * n_out / (n_in + n_out)),
-        )
-        ref = linear_view(lin).weight
-        delta = (p.low_rank(k) - p.weight).to(device=ref.device, dtype=ref.dtype)
-        handle = lin.register_forward_hook(lambda m, a, y, d=delta: y + F.linear(a[0], d))
-        try:
-            num = den = 0.0
-            for b, ref in zip(batches, refs, strict=False):
-                y = output_fn(forward(model, b)).float()
-                num += float((y - ref).square().sum())
-                den += float(ref.square().sum())
-        finally:
-            handle.remove()
-        s2 = p.spectrum()
-        rel = float(s2[k:].sum()) / max(float(s2.sum()), 1e-300)
-        out[name] = (num / max(den, 1e-300)) / max(rel, 1e-12)
-        tick()
-    return out
+    refs: Sequence[Tensor],
+    call: ModelCall,
+) -> float:
+    """End-to-end output distortion when only layer ``name`` is replaced by its optimal
+    whitened matrix at the uniform share, divided by that layer's own relative squared
+    error."""
+    lin = model.get_submodule(name)
+    n_out, n_in = problem.weight.shape
+    k = max(1, int(share * n_in * n_out / (n_in + n_out)))
+    ref = linear_view(lin).weight
+    delta = (problem.low_rank(k) - problem.weight).to(device=ref.device, dtype=ref.dtype)
+    handle = lin.register_forward_hook(lambda m, a, y: y + F.linear(a[0], delta))
+    try:
+        num = den = 0.0
+        for b, r in zip(batches, refs, strict=False):
+            y = call.output_fn(call.forward(model, b)).float()
+            num += float((y - r).square().sum())
+            den += float(r.square().sum())
+    finally:
+        handle.remove()
+    s2 = problem.spectrum()
+    rel = float(s2[k:].sum()) / max(float(s2.sum()), 1e-300)
+    return (num / max(den, 1e-300)) / max(rel, 1e-12)
 
 
 def _allocate(
     linears: dict[str, nn.Linear],
-    problems: dict[str, WhitenedProblem],
+    spectra: dict[str, Tensor],
     weights: dict[str, float],
     budget: float,
 ) -> dict[str, float]:
@@ -248,7 +239,7 @@ def _allocate(
     spent = 0
     for name, lin in linears.items():
         cost = lin.in_features + lin.out_features
-        s2 = problems[name].spectrum()
+        s2 = spectra[name]
         gains = (weights[name] * s2 / max(float(s2.sum()), 1e-300) / cost).tolist()
         cap = max(1, (lin.in_features * lin.out_features) // cost)
         ranks[name] = 1
@@ -403,23 +394,31 @@ def plan(
         bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
         stats = record_stats(model, names, batches, forward, on_batch=bar.update)
         bar.close()
-    problems = {
-        n: whitened_problem(linears[n].weight, stats.get(n) if stats else None) for n in names
-    }
+
+    def problem_of(name: str) -> WhitenedProblem:
+        # Built when needed and dropped after: all layers' problems at once would hold
+        # several times the model in float64.
+        return whitened_problem(linears[name].weight, stats.get(name) if stats else None)
+
     if opts.allocation == "uniform":
         shares = dict.fromkeys(names, budget)
         sens = dict.fromkeys(names, float("nan"))
     else:
-        if batches is not None:
-            probe = batches[: max(1, min(len(batches), 2))]
-            bar = tqdm(total=len(names), desc="sensitivity", disable=not progress, leave=False)
-            sens = _sensitivities(
-                model, names, problems, budget, probe, forward, output_fn, bar.update
-            )
-            bar.close()
-        else:
-            sens = dict.fromkeys(names, 1.0)
-        shares = _allocate(linears, problems, sens, budget)
+        spectra: dict[str, Tensor] = {}
+        sens = dict.fromkeys(names, 1.0)
+        probe = [] if batches is None else batches[: max(1, min(len(batches), 2))]
+        refs = [output_fn(forward(model, b)).float() for b in probe]
+        desc = "sensitivity" if probe else "spectra"
+        bar = tqdm(total=len(names), desc=desc, disable=not progress, leave=False)
+        for n in names:
+            problem = problem_of(n)
+            spectra[n] = problem.spectrum()
+            if probe:
+                sens[n] = _sensitivity(model, n, problem, budget, probe, refs, how)
+            del problem
+            bar.update()
+        bar.close()
+        shares = _allocate(linears, spectra, sens, budget)
     layers = [_layer_plan(n, linears[n], base_fmt, shares[n], n_tensorized_modes) for n in names]
     layers = _fit_budget(layers, shares, linears, budget, n_tensorized_modes)
     for lp in layers:
@@ -434,13 +433,14 @@ def plan(
         chosen = []
         for lp in layers:
             best: LayerPlan | None = None
+            problem = problem_of(lp.name)
             for f in formats:
                 cand = _layer_plan(lp.name, linears[lp.name], f, lp.share, n_tensorized_modes)
                 layer = FactorizedLinear(
                     cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank
                 )
                 cand.error = fit_weight(
-                    layer.weight, problems[lp.name], refine_steps=0, data_aware=batches is not None
+                    layer.weight, problem, refine_steps=0, data_aware=batches is not None
                 )
                 lp.candidates[f] = cand.error
                 if best is None or cand.error < best.error - 1e-9:
@@ -513,7 +513,7 @@ def _fit_sequential(
     missing = set(by_name) - {n for g in groups for n in g}
     groups += [[n] for n in by_name if n in missing]
     # Blocks of a stack whose layers are all fitted are replayed, not recomputed, in
-    # the copy and in the original (whose inputs are then recorded one block at a time).
+    # the copy and in the original.
     stack = find_stack(work, list(by_name))
     starts = [
         None
@@ -522,22 +522,18 @@ def _fit_sequential(
         else min((i for n in g if (i := block_index(stack[0], n)) is not None), default=None)
         for g in groups
     ]
+    # The original runs beside the copy in every pass (replayed too), so no activations
+    # beyond the replayed block outputs are ever kept, however many batches there are.
     replays = {}
     if stack is not None:
         replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
         blocks = orig.get_submodule(stack[0])
         assert isinstance(blocks, nn.ModuleList)  # the same structure as in work
         replays[id(orig)] = BlockReplay(orig, blocks, batches, forward)
-        original: Any = orig
-    else:
-        # One pass of the original keeps every layer's inputs when they fit in memory;
-        # otherwise the original runs alongside the copy in each group's pass.
-        original = record_inputs(orig, list(by_name), batches, forward) or orig
 
     def replayed_forward(m: nn.Module, batch: Any) -> Any:
         return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
 
-    recorded: tuple[int | None, Any] = (None, None)  # (block, its layers' original inputs)
     for g, group in enumerate(groups):
         # Blocks before the earliest block any unfitted group lives in are final.
         upto = min((s for s in starts[g:] if s is not None), default=0)
@@ -545,18 +541,7 @@ def _fit_sequential(
             for rep in replays.values():
                 rep.advance(upto)
                 active.enter_context(rep.active())
-            source = original
-            block = starts[g]
-            if block is not None:
-                if recorded[0] != block:
-                    in_block = [
-                        n for grp, s in zip(groups, starts, strict=True) if s == block for n in grp
-                    ]
-                    inputs = record_inputs(orig, in_block, batches, replayed_forward)
-                    recorded = (block, inputs)
-                if recorded[1] is not None:
-                    source = recorded[1]
-            gstats = record_stats(work, group, batches, replayed_forward, original=source)
+            gstats = record_stats(work, group, batches, replayed_forward, original=orig)
         for name in group:
             lp = by_name[name]
             with _about(lp):
@@ -625,6 +610,8 @@ def tensorize(
             stats = record_stats(model, names, alloc, forward, on_batch=bar.update)
             bar.close()
         from_plan = plan(model, opts, batches, call=how, progress=progress, _stats=stats)
+        if sequential:
+            stats = None  # fitted on statistics of its own; these hold as much as the model
     layers = [copy.copy(lp) for lp in from_plan.layers]
     modules = {lp.name: model.get_submodule(lp.name) for lp in layers}
     for lp in layers:
