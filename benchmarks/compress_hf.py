@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))  # svdllm_baseline sits beside this file
 
 from svdllm_baseline import svdllm_compress, whiten  # noqa: E402
 
-from tensorfold.convert.core import match_modules  # noqa: E402
+from tensorfold.convert._util import match_modules  # noqa: E402
 from tensorfold.files import atomic_savefig, atomic_write  # noqa: E402
 from tensorfold.pretrained import CompressConfig, compress, default_targets  # noqa: E402
 from tensorfold.pretrained.data import split, token_chunks  # noqa: E402

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import core
-from ..convert.core import ConversionPlan, ConversionReport
+from ..convert import core, planner
+from ..convert._util import match_modules
 from ..convert.distill import distill
 from ..convert.options import (
     DistillOptions,
@@ -29,6 +29,7 @@ from ..convert.options import (
     check_budget,
     check_factorization,
 )
+from ..convert.planner import ConversionPlan, ConversionReport
 from ..convert.replay import find_stack
 from ..errors import ConversionError
 from ..files import replacing_dir
@@ -175,7 +176,7 @@ def check_config(config: CompressConfig) -> torch.device:
 def default_targets(model: nn.Module) -> list[str] | None:
     """The linear layers of the model's block stack (attention and MLP projections), as
     a glob pattern; ``None`` (every linear layer but the output head) if it has none."""
-    names = core.match_modules(model, None, None)
+    names = match_modules(model, None, None)
     stack = find_stack(model, names)
     return None if stack is None else [f"{stack[0]}.*"]
 
@@ -260,7 +261,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         **({"evaluation (other source)": len(other)} if other else {}),
     }
     print_fn(f"{loaded.task} model from {config.model_dir}; data: {parts.counts()} ({task.unit})")
-    names = core.match_modules(teacher, targets, config.exclude)
+    names = match_modules(teacher, targets, config.exclude)
     if deadline is not None:
         blocks = find_stack(teacher, names)
         n_blocks = len(blocks[1]) if blocks else 1
@@ -278,7 +279,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         exclude=config.exclude,
     )
     call = ModelCall(forward=task.forward)
-    plan = core.plan(
+    plan = planner.plan(
         student, options, cal[: max(1, len(cal) // 4)], call=call, progress=config.progress
     )
     print_fn(str(plan))
