@@ -90,3 +90,12 @@ def test_record_stats_matches_float64_sums_and_groups_shared_inputs() -> None:
     torch.testing.assert_close(stats["q"].cov, ref, rtol=1e-6, atol=1e-6)
     assert stats["q"].tokens == 24
     assert input_groups(m, ["q", "k", "v", "out"], xs[0]) == [["q", "k", "v"], ["out"]]
+
+
+def test_float32_statistics_for_planning_match_float64() -> None:
+    torch.manual_seed(0)
+    m = SharedInput()
+    xs = batches()
+    low = record_stats(m, ["q", "out"], xs, dtype=torch.float32)
+    assert low["q"].cov.dtype == torch.float32
+    torch.testing.assert_close(low["q"].cov.double(), gram(xs), rtol=1e-5, atol=1e-5)

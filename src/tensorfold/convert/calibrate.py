@@ -1,6 +1,7 @@
 """Recording the input statistics of linear layers on calibration inputs.
 
-For a layer ``y = W x + b`` we accumulate, in float64, over every calibration token:
+For a layer ``y = W x + b`` we accumulate over every calibration token (in float64 for
+fitting; float32 where only rank allocation reads them):
 ``C = sum x_c x_c^T`` (inputs of the layer in the model being compressed) and
 ``M = sum x_o x_c^T`` (the original model's input times the compressed model's input).
 The output error of a replacement ``W_hat`` fed the compressed model's inputs, against the
@@ -35,9 +36,9 @@ def _flat(x: Tensor) -> Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
-def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    # The product is one float32 GEMM per batch (fast); the running sum is float64.
-    prod = (a.T @ b).double()
+def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    # The product is one float32 GEMM per batch (fast); the running sum is in ``dtype``.
+    prod = (a.T @ b).to(dtype)
     return prod if acc is None else acc.add_(prod)
 
 
@@ -53,6 +54,7 @@ def record_stats(
     forward: ForwardFn = call_model,
     original: nn.Module | None = None,
     on_batch: Callable[[], None] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, LayerStats]:
     """Accumulate :class:`LayerStats` for the named ``nn.Linear``-like modules.
 
@@ -68,14 +70,17 @@ def record_stats(
             batch just before ``model``; otherwise ``x_o = x_c``. The forward passes stop
             right after the last named layer.
         on_batch: called after each batch (progress bars).
+        dtype: of the running sums. Fitting needs float64; rank allocation, which only
+            compares spectra, is as well served by float32 at half the memory (all layers'
+            statistics are held at once there).
 
     Returns:
         ``{name: LayerStats}`` for the named modules that ran (unused ones are left out).
     """
     try:
-        return _record_stats(model, names, batches, forward, original, on_batch, share=True)
+        return _record_stats(model, names, batches, forward, original, on_batch, dtype, True)
     except _NotShared:
-        return _record_stats(model, names, batches, forward, original, on_batch, share=False)
+        return _record_stats(model, names, batches, forward, original, on_batch, dtype, False)
 
 
 def _record_stats(
@@ -85,6 +90,7 @@ def _record_stats(
     forward: ForwardFn,
     original: nn.Module | None,
     on_batch: Callable[[], None] | None,
+    dtype: torch.dtype,
     share: bool,
 ) -> dict[str, LayerStats]:
     wanted = set(names)
@@ -117,9 +123,9 @@ def _record_stats(
             if reader == name:
                 read[id(src)] = (src, name)  # holding src keeps its id unique in this batch
                 x = _flat(src)
-                cov[name] = _accumulate(cov[name], x, x)
+                cov[name] = _accumulate(cov[name], x, x, dtype)
                 if original is not None:
-                    cross[name] = _accumulate(cross[name], buf.pop(name), x)
+                    cross[name] = _accumulate(cross[name], buf.pop(name), x, dtype)
                 tokens[name] += x.shape[0]
             seen_c.add(name)
             if seen_c == wanted:

@@ -186,7 +186,9 @@ def tensorize(
             # the layers are then fitted sequentially on all of them.
             alloc = batches[: max(1, len(batches) // 4)] if sequential else batches
             bar = tqdm(total=len(alloc), desc="calibrating", disable=not progress, leave=False)
-            stats = record_stats(model, names, alloc, forward, on_batch=bar.update)
+            # Only planning reads them when fitting is sequential (float32 then suffices).
+            dtype = torch.float32 if sequential else torch.float64
+            stats = record_stats(model, names, alloc, forward, on_batch=bar.update, dtype=dtype)
             bar.close()
         from_plan = plan(model, opts, batches, call=how, progress=progress, _stats=stats)
         if sequential:

@@ -89,7 +89,7 @@ def whitened_problem(
     if stats is None:
         eye = torch.eye(n_in, dtype=torch.float64)
         return WhitenedProblem(w, eye, w.clone())
-    cov, cross = stats.cov.cpu(), stats.cross.cpu()
+    cov, cross = stats.cov.cpu().double(), stats.cross.cpu().double()
     lam = damping * float(cov.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(n_in, dtype=torch.float64)
     cov = cov + lam * eye

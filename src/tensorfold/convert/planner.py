@@ -386,7 +386,9 @@ def plan(
     stats = _stats
     if batches is not None and stats is None:
         bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
-        stats = record_stats(model, names, batches, forward, on_batch=bar.update)
+        stats = record_stats(
+            model, names, batches, forward, on_batch=bar.update, dtype=torch.float32
+        )
         bar.close()
 
     def problem_of(name: str) -> WhitenedProblem:
