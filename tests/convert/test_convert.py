@@ -273,8 +273,9 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
     teacher = tiny()
     student = copy.deepcopy(teacher)
     tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    one_batch = 3 * 32 * 24 * 4  # output and two block features of one batch, float32
     runs, calls = [], []
-    for cache in (False, True):
+    for cache, limit in ((False, None), (True, None), (True, 0), (True, one_batch)):
         s = copy.deepcopy(student)
         calls.append(0)
         handle = teacher.register_forward_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
@@ -289,12 +290,21 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
                     progress=False,
                     features="blocks.*[0-9]",
                     cache_teacher=cache,
+                    cache_bytes=limit,
                 )
             )
         finally:
             handle.remove()
-    assert runs[0] == runs[1]  # bit-identical losses
-    assert calls == [12, 3]  # cached: the teacher runs once per batch
+    assert all(r == runs[0] for r in runs)  # bit-identical losses
+    # cached: the teacher runs once per batch; a limit of 0 caches nothing, one batch's
+    # worth keeps only the first batch
+    assert calls[:3] == [12, 3, 12] and 3 < calls[3] < 12
+
+
+def test_distill_refuses_a_negative_cache_limit() -> None:
+    teacher = tiny()
+    with pytest.raises(ConversionError, match=r"cache_bytes=-1 must be an int >= 0"):
+        tensorfold.convert.distill(copy.deepcopy(teacher), teacher, calib(1), cache_bytes=-1)
 
 
 def test_distill_time_limit_ends_the_run_early() -> None:

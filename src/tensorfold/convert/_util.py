@@ -59,6 +59,17 @@ def run_until_stopped(forward: ForwardFn, model: nn.Module, batch: Any) -> None:
         pass
 
 
+def tensors_of(output: Any) -> list[Tensor]:
+    """Every tensor in a model output (nested tuples, lists and mappings), in order."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in tensors_of(o)]
+    if isinstance(output, dict):
+        return [t for o in output.values() for t in tensors_of(o)]
+    return []
+
+
 def output_tensor(output: Any) -> Tensor:
     """The tensor that stands for a model's output, used to measure fidelity.
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import as_batches, match_names, output_tensor
+from ._util import as_batches, match_names, output_tensor, tensors_of
 from .options import DistillOptions, ModelCall, resolve
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
@@ -123,7 +123,7 @@ def distill(
         data: batches of model inputs, cycled (shuffled once per pass after the first).
         options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
             parameters, features, feature_weight, warmup, weight_decay, max_seconds,
-            cache_teacher); its fields can also be given as keywords, which override it.
+            cache_teacher, cache_bytes); its fields can also be given as keywords, which override it.
         loss_fn: ``loss_fn(student_out, teacher_out, batch)`` replaces the default loss.
         call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
             also as keywords.
@@ -170,6 +170,7 @@ def distill(
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
     cached: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+    room = [math.inf if opts.cache_bytes is None else opts.cache_bytes]
 
     def teacher_outputs(i: int) -> tuple[Any, dict[str, Tensor]]:
         if i in cached:
@@ -178,7 +179,10 @@ def distill(
             out = forward(teacher, batches[i])
             feat = t_taps.take() if t_taps else {}
         if opts.cache_teacher:
-            cached[i] = (out, feat)
+            size = sum(t.numel() * t.element_size() for t in tensors_of([out, feat]))
+            if size <= room[0]:
+                room[0] -= size
+                cached[i] = (out, feat)
         return out, feat
 
     losses = [] if losses is None else losses

@@ -182,6 +182,8 @@ class DistillOptions(_Options):
         cache_teacher: keep the teacher's outputs (and matched features) of every batch
             after its first pass, so later passes skip the teacher's forward. Costs the
             memory of those outputs; worth it when ``steps`` exceeds the number of batches.
+        cache_bytes: with ``cache_teacher``, the most bytes of outputs kept (batches
+            beyond it run the teacher every time); ``None``: no limit.
     """
 
     steps: int = 200
@@ -193,8 +195,17 @@ class DistillOptions(_Options):
     weight_decay: float = 0.0
     max_seconds: float | None = None
     cache_teacher: bool = False
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cache_bytes is not None and (
+            isinstance(self.cache_bytes, bool)
+            or not isinstance(self.cache_bytes, int)
+            or self.cache_bytes < 0
+        ):
+            raise ConversionError(
+                f"cache_bytes={self.cache_bytes!r} must be an int >= 0 (or None: no limit)"
+            )
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConversionError(
                 f"max_seconds={self.max_seconds!r} must be > 0 (or None: no limit)"

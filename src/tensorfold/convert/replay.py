@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ._util import ForwardFn, StopForward, run_until_stopped
+from ._util import ForwardFn, StopForward, run_until_stopped, tensors_of
 
 __all__ = ["BlockReplay", "find_stack"]
 
@@ -47,18 +47,8 @@ def block_index(prefix: str, name: str) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def _tensors(output: Any) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _tensors(o)]
-    if isinstance(output, dict):
-        return [t for o in output.values() for t in _tensors(o)]
-    return []
-
-
 def _identical(a: Any, b: Any) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = tensors_of(a), tensors_of(b)
     return len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
 
 

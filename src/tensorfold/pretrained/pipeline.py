@@ -356,7 +356,10 @@ def _distill(
             features=block_features(student, names),
             parameters="factorized+norms",
             max_seconds=max_seconds,
-            cache_teacher=_teacher_fits(task, batches),
+            # Skipping the teacher's forward pays, but the cache must not grow with the
+            # data: it holds at most as many bytes as the teacher's parameters.
+            cache_teacher=True,
+            cache_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()),
         )
         distill(
             student,
@@ -371,15 +374,6 @@ def _distill(
     except KeyboardInterrupt:
         return len(losses), True
     return len(losses), False
-
-
-def _teacher_fits(task: ModelTask, batches: list[Any]) -> bool:
-    """Keep the teacher's outputs only when they are small (a causal LM's logits are not)."""
-    if task.loaded.task != "causal-lm":
-        return True
-    vocab = int(getattr(task.loaded.model.config, "vocab_size", 0) or 0)
-    elements = sum(b["input_ids"].numel() for b in batches) * vocab
-    return elements * 4 < (1 << 30)
 
 
 # ---- output --------------------------------------------------------------------------------
