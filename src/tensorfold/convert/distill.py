@@ -123,7 +123,8 @@ def distill(
         data: batches of model inputs, cycled (shuffled once per pass after the first).
         options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
             parameters, features, feature_weight, warmup, weight_decay, max_seconds,
-            cache_teacher, cache_bytes); its fields can also be given as keywords, which override it.
+            cache_teacher, cache_bytes); its fields can also be given as keywords, which
+            override it.
         loss_fn: ``loss_fn(student_out, teacher_out, batch)`` replaces the default loss.
         call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
             also as keywords.
