@@ -246,8 +246,9 @@ class SplitProgram:
     def _side(plan: ContractionPlan, unary: _Unary | None, factors: list[Tensor]) -> Tensor:
         return unary(factors[0]) if unary is not None else plan(*factors)
 
-    def built_bytes(self, factors: Sequence[Tensor]) -> int:
-        """Bytes a built pair takes beyond the factors (a side that is a view costs 0).
+    def built_bytes(self, factors: Sequence[Tensor], copies: bool = False) -> int:
+        """Bytes a built pair takes beyond the factors (a side that is a view costs 0,
+        unless ``copies``: the factors given are themselves built, e.g. dequantized).
 
         Found without computing anything: the pair is built from meta tensors with the
         factors' shapes and strides.
@@ -257,7 +258,7 @@ class SplitProgram:
         ]
         total = 0
         for side in self(meta):
-            if not any(side._base is m for m in meta):
+            if copies or not any(side._base is m for m in meta):
                 total += side.numel() * side.element_size()
         return total
 

@@ -142,6 +142,12 @@ def _add_job_options(
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument(
+        "--factor-dtype",
+        default=None,
+        help="int8: after distillation, store the factors as int8 with per-channel scales "
+        "(computed in --dtype; default: the factors stay in --dtype)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and order")
     p.add_argument(
         "--out",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = ["LayerMemory", "MemoryReport", "memory_report"]
@@ -17,7 +18,7 @@ class LayerMemory:
     Attributes:
         name: the module's qualified name.
         cache: its ``cache`` policy.
-        parameter_bytes: its factors and bias.
+        parameter_bytes: its factors and bias (int8 factors with their scales).
         cached_bytes: what its inference cache holds now (:meth:`cached_bytes`).
         dense_bytes: the dense weights and bias it stands for, in the same dtype.
     """
@@ -99,9 +100,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
     for name, module in model.named_modules():
         if not isinstance(module, FactorizedLinear):
             continue
-        params = list(module.parameters())
-        inside.update(id(p) for p in params)
-        itemsize = params[0].element_size()
+        held = [*module.parameters(), *module.buffers()]  # int8 factors' scales are buffers
+        inside.update(id(t) for t in held)
+        itemsize = torch.empty((), dtype=module.weight.dtype).element_size()
         dense = math.prod(module.layer_shape) * module.in_features * module.out_features
         if module.bias is not None:
             dense += module.bias.numel()
@@ -109,11 +110,11 @@ def memory_report(model: nn.Module) -> MemoryReport:
             LayerMemory(
                 name,
                 module.cache,
-                sum(p.numel() * p.element_size() for p in params),
+                sum(t.numel() * t.element_size() for t in held),
                 module.cached_bytes(),
                 dense * itemsize,
             )
         )
-    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
-    other += sum(b.numel() * b.element_size() for b in model.buffers())
+    rest = [*model.parameters(), *model.buffers()]
+    other = sum(t.numel() * t.element_size() for t in rest if id(t) not in inside)
     return MemoryReport(tuple(layers), other)

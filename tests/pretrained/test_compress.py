@@ -238,6 +238,7 @@ def test_budget_is_rejected_before_anything_loads(
         ("out-exists", "exists and is not a previous tensorfold output"),
         ("bad-task", "task='translation' must be one of"),
         ("bad-dtype", "dtype='float16' must be one of float32, bfloat16"),
+        ("bad-factor-dtype", "factor_dtype='int4' is not one of 'int8'"),
     ],
 )
 def test_bad_input_fails_at_once_with_one_line(
@@ -284,6 +285,8 @@ def test_bad_input_fails_at_once_with_one_line(
         extra += ["--task", "translation"]
     elif case == "bad-dtype":
         extra += ["--dtype", "float16"]
+    elif case == "bad-factor-dtype":
+        extra += ["--factor-dtype", "int4"]
     before = sorted(p.name for p in tmp_path.iterdir())
     err = _cli_error(
         [
@@ -367,3 +370,27 @@ def test_bfloat16_run_writes_a_bfloat16_model(
     loaded = from_pretrained(tmp_path / "out")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert result.before_distill["held-out"].perplexity_ratio < 1.5
+
+
+def test_int8_factors_are_written_reported_and_loaded_back(
+    tiny_model: Callable[[str], Path], text_file: Path, tmp_path: Path
+) -> None:
+    result = compress(
+        _config(tiny_model("gpt2"), tmp_path / "out", text_file, factor_dtype="int8"),
+        print_fn=lambda s: None,
+    )
+    assert result.reload_verified and result.before_quantize is not None
+    loaded = from_pretrained(tmp_path / "out")
+    layers = [m for m in loaded.modules() if isinstance(m, tensorfold.FactorizedLinear)]
+    assert layers and all(m.weight.factors[0].dtype == torch.int8 for m in layers)
+    dense, stored = result.linear_bytes
+    assert dense == sum(4 * (m.in_features * m.out_features + m.out_features) for m in layers)
+    assert stored == tensorfold.memory_report(loaded).parameter_bytes
+    assert stored < 0.5 * dense
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["linear_bytes_compressed"] == stored
+    assert summary["before_quantize"]["held-out"]["perplexity_ratio"] > 0
+    # int8 moves the model a little from the distilled float one, not far.
+    ppl = {k: summary[k]["held-out"]["perplexity"] for k in ("before_quantize", "after")}
+    assert abs(ppl["after"] / ppl["before_quantize"] - 1) < 0.05
+    assert "int8 factors, held-out:" in (tmp_path / "out" / "report.txt").read_text()

@@ -2,10 +2,10 @@
 
 One file holds every tensor of the model's ``state_dict`` and, in the safetensors header's
 metadata, a JSON record of each ``FactorizedLinear`` (name, format, tensorized shapes,
-resolved rank, bias). It is written to a temporary file in the same directory, flushed to
-disk and moved into place with ``os.replace``, so a crash never leaves a partial file under
-the final name. Loading validates everything (file integrity, record, every key and shape)
-before the model is touched.
+resolved rank, bias, int8 factors). It is written to a temporary file in the same directory,
+flushed to disk and moved into place with ``os.replace``, so a crash never leaves a partial
+file under the final name. Loading validates everything (file integrity, record, every key
+and shape) before the model is touched.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..errors import ConversionError, TensorfoldError
 from ..files import replacing
 from ..nn import FactorizedLinear
 from ._util import is_linear, linear_view, set_module
+from .quantize import check_factor_dtype
 
 __all__ = ["save", "load"]
 
@@ -55,6 +56,7 @@ def _record(model: nn.Module) -> list[dict[str, Any]]:
                     "rank": _jsonable_rank(m.rank),
                     "bias": m.bias is not None,
                     "implementation": m.implementation,
+                    **({"factor_dtype": "int8"} if m.weight.quantized else {}),
                 }
             )
     return layers
@@ -159,6 +161,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
                 rank=_rank_from_json(entry["rank"]),
                 implementation=entry.get("implementation", "auto"),
             )
+            if check_factor_dtype(entry.get("factor_dtype")) is not None:
+                layer.weight.quantize_()
         except (KeyError, TypeError, TensorfoldError) as exc:
             raise ConversionError(
                 f"{str(path)!r}: invalid record for module {name!r}: {exc}"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..contraction import BATCH_LABEL, Network, contraction_plan
 from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
+from ..quantization import dequantize, quantize_int8
 from ..shapes import check_modes
 
 __all__ = [
@@ -315,6 +316,60 @@ class FactorizedTensor(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.factors)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the factors are stored as int8 with scales (:meth:`quantize_`)."""
+        return "scale_0" in self._buffers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype: the factors' values are computed in it."""
+        first = self._buffers["scale_0"] if self.quantized else self.factors[0]
+        assert first is not None  # registered with the int8 factors
+        return first.dtype
+
+    def nbytes(self) -> int:
+        """Bytes the factors take as stored (int8 values and their scales once quantized)."""
+        return sum(t.numel() * t.element_size() for t in (*self.factors, *self.buffers()))
+
+    def quantize_(self) -> None:
+        """Store the factors as int8, each with one scale per index of its largest axis.
+
+        The values the layer computes with are ``q * scale`` in the working dtype (see
+        :mod:`tensorfold.quantization`); the int8 factors are parameters without gradients,
+        and the scales are buffers (``scale_0``, ...), so both are in ``state_dict``.
+        Replaces :attr:`factors` with new parameters (an optimiser holding the old ones
+        no longer reaches them). A second call does nothing.
+
+        Example:
+            >>> from tensorfold.formats import get_format
+            >>> t = get_format("tt")((4,), (6,), rank=2)
+            >>> before = t.to_matrix()
+            >>> t.quantize_()
+            >>> t.factors[0].dtype, t.dtype
+            (torch.int8, torch.float32)
+            >>> bool((t.to_matrix() - before).abs().max() < 0.02 * before.abs().max())
+            True
+        """
+        if self.quantized:
+            return
+        with torch.no_grad():
+            pairs = [quantize_int8(f) for f in self.factors]
+        self.factors = nn.ParameterList(nn.Parameter(q, requires_grad=False) for q, _ in pairs)
+        for k, (_, scale) in enumerate(pairs):
+            self.register_buffer(f"scale_{k}", scale)
+
+    def _values(self) -> list[Tensor]:
+        """Every factor's values in the working dtype (the parameters themselves unless
+        quantized)."""
+        # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
+        # factor on the hot path); its _parameters dict holds them in index order.
+        factors = cast("Iterable[Tensor]", self.factors._parameters.values())
+        if not self.quantized:
+            return list(factors)
+        pairs = zip(factors, self._buffers.values(), strict=True)  # scale_k in factor order
+        return [dequantize(q, scale) for q, scale in pairs]  # type: ignore[arg-type]
+
     def reset_parameters(
         self, std: float | None = None, generator: torch.Generator | None = None
     ) -> None:
@@ -325,11 +380,17 @@ class FactorizedTensor(nn.Module):
         if std is None:
             std = 1.0 / math.sqrt(3 * math.prod(self.in_modes))
         with torch.no_grad():
-            for factor, factor_std in zip(self.factors, self.init_stds(std), strict=False):
+            values = [
+                torch.empty(f.shape, dtype=self.dtype, device=f.device) if self.quantized else f
+                for f in self.factors
+            ]
+            for value, factor_std in zip(values, self.init_stds(std), strict=False):
                 if factor_std is None:
-                    factor.fill_(1.0)
+                    value.fill_(1.0)
                 else:
-                    factor.normal_(0.0, factor_std, generator=generator)
+                    value.normal_(0.0, factor_std, generator=generator)
+            if self.quantized:
+                self.copy_factors_(values)
 
     def layer_factors(self, indices: tuple[int, ...] = ()) -> list[Tensor]:
         """The factors of one layer (layer modes indexed away), differentiable."""
@@ -338,9 +399,7 @@ class FactorizedTensor(nn.Module):
                 f"indices={indices!r} must have {len(self.layer_shape)} entries "
                 f"for layer_shape={self.layer_shape}"
             )
-        # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
-        # factor on the hot path); its _parameters dict holds them in index order.
-        factors = cast("Iterable[Tensor]", self.factors._parameters.values())
+        factors = self._values()
         if not self.layer_shape:
             return list(factors)
         picked = []
@@ -359,10 +418,11 @@ class FactorizedTensor(nn.Module):
             + self.network.out_labels
             + self.network.in_labels
         )
-        shapes = tuple(tuple(f.shape) for f in self.factors)
+        values = self._values()
+        shapes = tuple(tuple(f.shape) for f in values)
         numel = math.prod(self.all_modes)
         return contraction_plan(equation, shapes, max(numel, *(math.prod(s) for s in shapes)))(
-            *self.factors
+            *values
         )
 
     def to_matrix(self, indices: tuple[int, ...] = ()) -> Tensor:
@@ -401,8 +461,15 @@ class FactorizedTensor(nn.Module):
                     f"of shape {shape}"
                 )
         with torch.no_grad():
-            for factor, value in zip(self.factors, values, strict=True):
-                factor.copy_(value.reshape(factor.shape))
+            for k, (factor, value) in enumerate(zip(self.factors, values, strict=True)):
+                if not self.quantized:
+                    factor.copy_(value.reshape(factor.shape))
+                    continue
+                scale = self._buffers[f"scale_{k}"]
+                assert scale is not None  # registered with the int8 factors
+                q, new_scale = quantize_int8(value.reshape(factor.shape).to(scale))
+                factor.copy_(q)
+                scale.copy_(new_scale)
 
     def low_rank_capacity(self) -> int | None:
         """The rank ``k`` of the matrices ``left @ right`` that :meth:`assign_low_rank_`
@@ -475,7 +542,11 @@ class FactorizedTensor(nn.Module):
 
     def extra_repr(self) -> str:
         layers = f", layer_shape={self.layer_shape}" if self.layer_shape else ""
-        return f"out_modes={self.out_modes}, in_modes={self.in_modes}{layers}, rank={self.rank}"
+        stored = ", factor_dtype=int8" if self.quantized else ""
+        return (
+            f"out_modes={self.out_modes}, in_modes={self.in_modes}{layers}, rank={self.rank}"
+            f"{stored}"
+        )
 
 
 def fill_to_count(

@@ -7,7 +7,8 @@ split pair ``W = up @ down`` or the dense ``W``, for later calls. What it may ke
 =============  ===========================================================================
 ``'none'``     nothing: every operand is built in the call that uses it
 ``'split'``    the split pair only, where the layer's parameters plus the pair stay below
-               its dense weight (a side that is one factor is a view of it: no bytes)
+               its dense weight (a side that is one factor is a view of it: no bytes);
+               nothing for int8 factors, whose pair would undo what quantizing saved
 ``'weights'``  the split pair and the dense ``W``, wherever they are faster
 int ``n``      any operand of at most ``n`` bytes (per layer index)
 =============  ===========================================================================
@@ -186,16 +187,21 @@ class InferenceCache:
     # ---- policy --------------------------------------------------------------------------
     @staticmethod
     def cacheable(
-        policy: CachePolicy, program: LayerProgram, factors: Sequence[Tensor]
+        policy: CachePolicy,
+        program: LayerProgram,
+        factors: Sequence[Tensor],
+        quantized: bool = False,
     ) -> frozenset[str]:
-        """The operands ``policy`` lets the layer keep for one index."""
-        if policy == "none":
+        """The operands ``policy`` lets the layer keep for one index (``factors``: their
+        values in the working dtype; ``quantized``: stored as int8, see
+        :meth:`~tensorfold.formats.FactorizedTensor.quantize_`)."""
+        if policy == "none" or (policy == "split" and quantized):
             return frozenset()
         if policy == "weights":
             return frozenset({"split", "weight"})
         itemsize = factors[0].element_size()
         dense = program.in_features * program.out_features * itemsize
-        pair = math.inf if program.split is None else program.split.built_bytes(factors)
+        pair = math.inf if program.split is None else program.split.built_bytes(factors, quantized)
         if policy == "split":
             params = sum(f.numel() * f.element_size() for f in factors)
             return frozenset({"split"}) if params + pair < dense else frozenset()
@@ -313,7 +319,7 @@ class InferenceCache:
             f0.device.type,
             f0.element_size(),
         )
-        cacheable = self.cacheable(layer.cache, program, factors)
+        cacheable = self.cacheable(layer.cache, program, factors, layer.weight.quantized)
         if layer.implementation == "auto":
             decision = self.decide(layer, program, cacheable, x, idx, bias)
         else:

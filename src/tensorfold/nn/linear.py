@@ -171,8 +171,8 @@ class FactorizedLinear(nn.Module):
         else:
             if device is not None or dtype is not None:
                 adopted.to(device=device, dtype=dtype)  # in place: the parameters are shared
-            first = next(iter(adopted.parameters()))
-            device, dtype = first.device, first.dtype
+            device = next(iter(adopted.parameters())).device
+            dtype = adopted.dtype
             self.weight = adopted
         if bias:
             self.bias = nn.Parameter(
@@ -306,9 +306,9 @@ class FactorizedLinear(nn.Module):
         if isinstance(x_or_rows, Tensor):
             x = x_or_rows
         else:
-            factory = next(iter(self.weight.parameters()))
+            device = next(iter(self.weight.parameters())).device
             x = torch.zeros(
-                int(x_or_rows), self.in_features, dtype=factory.dtype, device=factory.device
+                int(x_or_rows), self.in_features, dtype=self.weight.dtype, device=device
             )
         rows = x.numel() // self.in_features
         factors = self.weight.layer_factors(idx)
@@ -338,7 +338,7 @@ class FactorizedLinear(nn.Module):
         operand = 0  # what the path keeps for this index once it has run
         if inference and keeps in cacheable:
             if path == "split" and program.split is not None:
-                operand = program.split.built_bytes(factors)
+                operand = program.split.built_bytes(factors, self.weight.quantized)
             else:
                 operand = self.in_features * self.out_features * factors[0].element_size()
         return Explanation(

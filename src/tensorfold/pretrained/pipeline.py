@@ -30,9 +30,11 @@ from ..convert.options import (
     check_factorization,
 )
 from ..convert.planner import ConversionPlan, ConversionReport
+from ..convert.quantize import check_factor_dtype, quantize_factors
 from ..convert.replay import find_stack
 from ..errors import ConversionError
 from ..files import replacing_dir
+from ..memory import memory_report
 from . import checkpoint, models
 from .data import Split, split
 from .tasks import ModelTask, task_for
@@ -77,6 +79,9 @@ class CompressConfig:
         time_limit: seconds for the whole run, every stage included (``None``: none).
         lr: peak distillation learning rate.
         refine_steps: L-BFGS steps of the layer-wise refinement.
+        factor_dtype: ``None`` (factors in ``dtype``) or ``'int8'``: after distillation the
+            factors are stored as int8 with per-channel scales and computed in ``dtype``
+            (``tensorfold.quantize_factors``); quality is reported before and after.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
@@ -100,6 +105,7 @@ class CompressConfig:
     time_limit: float | None = None
     lr: float = 1e-4
     refine_steps: int = 50
+    factor_dtype: str | None = None
     progress: bool = True
     seed: int = 0
 
@@ -114,7 +120,7 @@ class CompressResult:
     report: ConversionReport
     counts: dict[str, int]
     before_distill: dict[str, Any]  # name of the evaluation set -> quality before distilling
-    after: dict[str, Any]  # the same after distillation
+    after: dict[str, Any]  # the same for the model written (distilled, then quantized)
     distill_steps_done: int
     interrupted: bool
     seconds: dict[str, float]
@@ -122,6 +128,8 @@ class CompressResult:
     teacher: nn.Module = field(repr=False)
     out: Path | None = None
     reload_verified: bool | None = None  # the written directory loads back to the same model
+    before_quantize: dict[str, Any] | None = None  # after distillation, factors not yet int8
+    linear_bytes: tuple[int, int] = (0, 0)  # the converted layers, dense and as compressed
 
 
 # ---- checks ----------------------------------------------------------------------------
@@ -135,6 +143,7 @@ def check_config(config: CompressConfig) -> torch.device:
     """Every check that needs no model: raises ConversionError naming the option."""
     check_budget(config.budget)
     check_factorization(config.factorization)
+    check_factor_dtype(config.factor_dtype)
     if config.task is not None:
         models.check_task(config.task)
     _positive_int(config.seq_len, "seq_len")
@@ -309,6 +318,19 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
             print_fn(f"after {steps_done} distillation steps, {name}: {q}")
     if interrupted:
         print_fn("distillation interrupted: the student as trained so far is kept")
+    before_quantize = None
+    if config.factor_dtype is not None:
+        before_quantize = after
+        n = quantize_factors(student, config.factor_dtype)
+        after = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+        for name, q in after.items():
+            print_fn(f"{config.factor_dtype} factors ({n} layers), {name}: {q}")
+    memory = memory_report(student)
+    linear_bytes = (memory.dense_bytes, memory.parameter_bytes)
+    print_fn(
+        f"converted layers: {linear_bytes[0] / 2**20:.2f} MiB dense -> "
+        f"{linear_bytes[1] / 2**20:.2f} MiB ({linear_bytes[1] / max(1, linear_bytes[0]):.1%})"
+    )
     seconds["total"] = time.perf_counter() - t0
     report.seconds = seconds["total"]
     result = CompressResult(
@@ -324,6 +346,8 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         seconds,
         student,
         teacher,
+        before_quantize=before_quantize,
+        linear_bytes=linear_bytes,
     )
     if config.out is not None:
         probe = next(iter(evals.values()))[0]

@@ -35,11 +35,20 @@ def text(result: CompressResult) -> str:
     lines.append("data: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     for name, q in result.before_distill.items():
         lines.append(f"after layer-wise fitting, {name}: {q}")
+    distilled = result.after if result.before_quantize is None else result.before_quantize
     if result.distill_steps_done:
-        for name, q in result.after.items():
+        for name, q in distilled.items():
             lines.append(f"after {result.distill_steps_done} distillation steps, {name}: {q}")
     if result.interrupted:
         lines.append("distillation was interrupted: this is the student as trained so far")
+    if result.before_quantize is not None:
+        for name, q in result.after.items():
+            lines.append(f"{result.config.factor_dtype} factors, {name}: {q}")
+    dense, stored = result.linear_bytes
+    lines.append(
+        f"converted layers: {dense:,} bytes dense -> {stored:,} bytes "
+        f"({stored / max(1, dense):.1%})"
+    )
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return "\n".join(lines) + "\n"
 
@@ -76,6 +85,11 @@ def summary(result: CompressResult) -> dict[str, Any]:
         "reload_verified": result.reload_verified,
         "before_distill": {k: quality_dict(v) for k, v in result.before_distill.items()},
         "after": {k: quality_dict(v) for k, v in result.after.items()},
+        "before_quantize": None
+        if result.before_quantize is None
+        else {k: quality_dict(v) for k, v in result.before_quantize.items()},
+        "linear_bytes_dense": result.linear_bytes[0],
+        "linear_bytes_compressed": result.linear_bytes[1],
         "layers": layers,
     }
 
@@ -109,20 +123,28 @@ def plot(result: CompressResult, path: Path) -> None:
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=90, fontsize=7)
     sets = list(result.before_distill)
+    stages = [("fit only", result.before_distill, "tab:gray")]
+    if result.before_quantize is None:
+        stages.append(
+            (f"+ {result.distill_steps_done} distillation steps", result.after, "tab:green")
+        )
+    else:
+        stages.append(
+            (
+                f"+ {result.distill_steps_done} distillation steps",
+                result.before_quantize,
+                "tab:green",
+            )
+        )
+        stages.append((f"{result.config.factor_dtype} factors", result.after, "tab:purple"))
+    width = 0.8 / len(stages)
     label = ""
     for i, name in enumerate(sets):
-        label, before = _headline(quality_dict(result.before_distill[name]))
-        _, after = _headline(quality_dict(result.after[name]))
-        ax3.bar(i - 0.2, before, 0.4, color="tab:gray", label="fit only" if i == 0 else None)
-        ax3.bar(
-            i + 0.2,
-            after,
-            0.4,
-            color="tab:green",
-            label=f"+ {result.distill_steps_done} distillation steps" if i == 0 else None,
-        )
-        for dx, v in ((-0.2, before), (0.2, after)):
-            ax3.text(i + dx, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        for j, (stage, figures, color) in enumerate(stages):
+            label, value = _headline(quality_dict(figures[name]))
+            dx = (j - (len(stages) - 1) / 2) * width
+            ax3.bar(i + dx, value, width, color=color, label=stage if i == 0 else None)
+            ax3.text(i + dx, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
     ax3.set_xticks(range(len(sets)))
     ax3.set_xticklabels(sets)
     ax3.set_ylabel(label)
