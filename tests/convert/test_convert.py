@@ -275,7 +275,9 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
     tensorize(student, budget=0.3, calibration=calib(2), progress=False)
     one_batch = 3 * 32 * 24 * 4  # output and two block features of one batch, float32
     runs, calls = [], []
-    for cache, limit in ((False, None), (True, None), (True, 0), (True, one_batch)):
+    cases = [(False, None, False), (True, None, False), (True, 0, False), (True, one_batch, False)]
+    cases.append((True, 0, True))  # every batch's outputs on disk
+    for cache, limit, disk in cases:
         s = copy.deepcopy(student)
         calls.append(0)
         handle = teacher.register_forward_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
@@ -291,6 +293,7 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
                     features="blocks.*[0-9]",
                     cache_teacher=cache,
                     cache_bytes=limit,
+                    cache_disk=disk,
                 )
             )
         finally:
@@ -299,6 +302,7 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
     # cached: the teacher runs once per batch; a limit of 0 caches nothing, one batch's
     # worth keeps only the first batch
     assert calls[:3] == [12, 3, 12] and 3 < calls[3] < 12
+    assert calls[4] == 3  # from disk: once per batch, and the same losses
 
 
 def test_distill_refuses_a_negative_cache_limit() -> None:

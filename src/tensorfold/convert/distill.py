@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import as_batches, match_names, output_tensor, tensors_of
+from ._util import as_batches, match_names, output_tensor
 from .options import DistillOptions, ModelCall, resolve
+from .teacher_cache import TeacherCache
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
 
@@ -123,7 +124,7 @@ def distill(
         data: batches of model inputs, cycled (shuffled once per pass after the first).
         options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
             parameters, features, feature_weight, warmup, weight_decay, max_seconds,
-            cache_teacher, cache_bytes); its fields can also be given as keywords, which
+            cache_teacher, cache_bytes, cache_disk); its fields can also be given as keywords, which
             override it.
         loss_fn: ``loss_fn(student_out, teacher_out, batch)`` replaces the default loss.
         call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
@@ -170,20 +171,17 @@ def distill(
         while True:
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
-    cached: dict[int, tuple[Any, dict[str, Tensor]]] = {}
-    room = [math.inf if opts.cache_bytes is None else opts.cache_bytes]
+    cache = TeacherCache(opts.cache_bytes, opts.cache_disk)
 
     def teacher_outputs(i: int) -> tuple[Any, dict[str, Tensor]]:
-        if i in cached:
-            return cached[i]
+        hit = cache.get(i) if opts.cache_teacher else None
+        if hit is not None:
+            return hit
         with torch.no_grad():
             out = forward(teacher, batches[i])
             feat = t_taps.take() if t_taps else {}
         if opts.cache_teacher:
-            size = sum(t.numel() * t.element_size() for t in tensors_of([out, feat]))
-            if size <= room[0]:
-                room[0] -= size
-                cached[i] = (out, feat)
+            cache.put(i, (out, feat))
         return out, feat
 
     losses = [] if losses is None else losses
@@ -216,7 +214,7 @@ def distill(
         for taps in (s_taps, t_taps):
             if taps is not None:
                 taps.remove()
-        cached.clear()
+        cache.close()
         student.train(was_training[0])
         teacher.train(was_training[1])
     return losses

@@ -182,8 +182,12 @@ class DistillOptions(_Options):
         cache_teacher: keep the teacher's outputs (and matched features) of every batch
             after its first pass, so later passes skip the teacher's forward. Costs the
             memory of those outputs; worth it when ``steps`` exceeds the number of batches.
-        cache_bytes: with ``cache_teacher``, the most bytes of outputs kept (batches
-            beyond it run the teacher every time); ``None``: no limit.
+        cache_bytes: with ``cache_teacher``, the most bytes of outputs kept in memory;
+            ``None``: no limit.
+        cache_disk: with ``cache_teacher``, outputs beyond ``cache_bytes`` go to a
+            temporary directory (removed when ``distill`` returns) while they take less
+            than half the disk's free space; ``False``: those batches run the teacher
+            every time.
     """
 
     steps: int = 200
@@ -196,6 +200,7 @@ class DistillOptions(_Options):
     max_seconds: float | None = None
     cache_teacher: bool = False
     cache_bytes: int | None = None
+    cache_disk: bool = True
 
     def __post_init__(self) -> None:
         if self.cache_bytes is not None and (
