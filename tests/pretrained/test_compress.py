@@ -394,3 +394,26 @@ def test_int8_factors_are_written_reported_and_loaded_back(
     ppl = {k: summary[k]["held-out"]["perplexity"] for k in ("before_quantize", "after")}
     assert abs(ppl["after"] / ppl["before_quantize"] - 1) < 0.05
     assert "int8 factors, held-out:" in (tmp_path / "out" / "report.txt").read_text()
+
+
+def test_fit_time_batches_are_spread_over_the_lengths_and_sized_by_elements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.pretrained import pipeline
+
+    class Task:
+        def forward(self, model: object, batch: dict[str, torch.Tensor]) -> None:
+            pass
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: float(next(ticks)))
+    # Ten batches sorted by length: 4 x 10, 4 x 20, ..., 4 x 100 token ids.
+    batches = [{"input_ids": torch.zeros(4, 10 * (k + 1))} for k in range(10)]
+    # The probe (the median batch, 240 ids) takes 1 s; with one block a batch of n ids is
+    # estimated at 2.5 * n / 240 s, all ten at 22.9 s.
+    every = pipeline._fit_time_batches(Task(), nn.Identity(), batches, 23.0, 1)  # type: ignore[arg-type]
+    assert every == batches
+    half = pipeline._fit_time_batches(Task(), nn.Identity(), batches, 11.5, 1)  # type: ignore[arg-type]
+    assert [b["input_ids"].shape[1] for b in half] == [10, 30, 50, 70, 90]
+    one = pipeline._fit_time_batches(Task(), nn.Identity(), batches, 0.01, 1)  # type: ignore[arg-type]
+    assert len(one) == 1

@@ -223,17 +223,30 @@ def _other_source(task: ModelTask, n: int) -> list[Any] | None:
     return other_source_sentences(n) or None
 
 
+def _elements(batch: Any) -> int:
+    """The size of a batch's first tensor (token ids, pixels): what a forward's cost follows."""
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    return next((max(1, v.numel()) for v in values if isinstance(v, torch.Tensor)), 1)
+
+
 def _fit_time_batches(
     task: ModelTask, teacher: nn.Module, batches: list[Any], seconds: float, n_blocks: int
 ) -> list[Any]:
-    """As many calibration batches as calibration and fitting can use within ``seconds``:
-    sequential calibration costs about two full forwards per block group and batch."""
+    """As many calibration batches as calibration and fitting can use within ``seconds``,
+    spread evenly over ``batches`` (which may be sorted by length): sequential calibration
+    costs about two full forwards per block group and batch, and a forward's cost follows
+    the batch's size, timed once on the median batch."""
+    probe = batches[len(batches) // 2]
     start = time.perf_counter()
     with torch.no_grad():
-        task.forward(teacher, batches[0])
-    per_batch = max(time.perf_counter() - start, 1e-4) * (2 + 0.5 * max(n_blocks, 1))
-    keep = max(1, min(len(batches), int(seconds / per_batch)))
-    return batches[:keep]
+        task.forward(teacher, probe)
+    per_element = max(time.perf_counter() - start, 1e-4) / _elements(probe)
+    per_element *= 2 + 0.5 * max(n_blocks, 1)
+    total = per_element * sum(_elements(b) for b in batches)
+    if total <= seconds:
+        return batches
+    keep = max(1, int(len(batches) * seconds / total))
+    return [batches[int(i * len(batches) / keep)] for i in range(keep)]
 
 
 def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) -> CompressResult:
