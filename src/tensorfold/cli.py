@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=".txt (lines, or blank-line separated documents), .jsonl with 'text', a "
         "folder of .txt files, or a folder of images (default: English sentences of the "
-        "Python documentation and the system's man pages)",
+        "Python documentation, the system's man pages and info manuals)",
     )
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample")
     p.add_argument(

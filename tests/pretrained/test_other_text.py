@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tensorfold.pretrained import other_text
+from tensorfold.pretrained.bundled import bundled_sentences
 from tensorfold.pretrained.corpus import english_sentences
 from tensorfold.pretrained.other_text import other_source_documents, other_source_sentences
 
@@ -42,12 +43,13 @@ def test_deterministic_sorted_by_hash_and_prefixes() -> None:
     assert other_source_documents() == other_source_documents()
 
 
-def test_disjoint_from_python_docs_and_unique() -> None:
+def test_disjoint_from_the_default_text_and_unique() -> None:
     pool = other_source_sentences()
     assert pool, "no other-source sentence found"
     lowered = [s.lower() for s in pool]
     assert len(set(lowered)) == len(lowered)
     assert not set(lowered) & {s.lower() for s in english_sentences()}
+    assert not set(lowered) & {s.lower() for s in bundled_sentences()}  # man pages, info
 
 
 def test_english_looking_and_clean() -> None:

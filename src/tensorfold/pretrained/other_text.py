@@ -28,7 +28,8 @@ hyphens, punctuation around them), and no sentence that ends on a single charact
 abbreviation (``e.g.``, ``Inc.``), which is where the splitter cut too early.
 
 A sentence is kept once (compared ignoring case), the first time it is met in the order
-above, and never if it is also one of :func:`tensorfold.pretrained.corpus.english_sentences`.
+above, and never if it is also one of the default text's sentences
+(:func:`tensorfold.pretrained.bundled.bundled_sentences`).
 Nothing is downloaded. What is found depends on the installed Debian and Python packages;
 results are cached for the life of the process.
 """
@@ -42,7 +43,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from tensorfold.pretrained.corpus import _clean, english_sentences
+from tensorfold.pretrained.bundled import bundled_sentences
+from tensorfold.pretrained.corpus import _clean
 
 __all__ = ["other_source_sentences", "other_source_documents"]
 
@@ -169,7 +171,7 @@ def _collect(license_dir: str, doc_dir: str, use_metadata: bool) -> tuple[tuple[
     texts = _license_texts(license_dir) + _copyright_texts(doc_dir)
     if use_metadata:
         texts += _metadata_texts()
-    seen = {s.lower() for s in english_sentences()}
+    seen = {s.lower() for s in bundled_sentences()}
     docs: list[tuple[str, ...]] = []
     for text in texts:
         current: list[str] = []
@@ -200,7 +202,7 @@ def other_source_sentences(n: int | None = None) -> list[str]:
 
     Returns:
         Sentences sorted by a hash of their text, so that any prefix is a mix of all the
-        sources. None of them is in :func:`tensorfold.pretrained.corpus.english_sentences`.
+        sources. None of them is in :func:`tensorfold.pretrained.bundled.bundled_sentences`.
 
     Raises:
         ValueError: ``n`` is negative or larger than the number of sentences found.

@@ -62,7 +62,7 @@ class CompressConfig:
             ``None`` reads it from the config.
         data: a ``.txt``/``.jsonl`` file or folder of ``.txt`` files (images: a folder of
             image files); ``None``: English sentences of the Python documentation and
-            the system's man pages (``tasks.bundled_sentences``).
+            the system's man pages and info manuals (``bundled.bundled_sentences``).
         seq_len: tokens per sample (causal LM: chunk length; encoders: truncation).
         budget: fraction in (0, 1] of the selected linear layers' parameters to keep.
         factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or ``'auto'``.

@@ -25,24 +25,11 @@ from torch import Tensor, nn
 from ..convert.distill import relative_mse
 from ..errors import ConversionError
 from . import data as datamod
+from .bundled import bundled_sentences
 from .metrics import Fidelity, LanguageModelMeter, fidelity
 from .models import Loaded
 
 Batch = dict[str, Tensor]
-
-
-# Man-page words added to the bundled corpus: more variety than the Python docs alone, read
-# in seconds.
-MAN_PAGE_WORDS = 60_000
-
-
-def bundled_sentences() -> list[str]:
-    """The default text: English sentences of the Python documentation and of the
-    system's man pages (technical prose found on the machine, nothing downloaded)."""
-    from .corpus import english_sentences
-    from .man_pages import man_sentences
-
-    return list(english_sentences()) + man_sentences(MAN_PAGE_WORDS)
 
 
 def _to(batch: Any, device: torch.device) -> Batch:
