@@ -417,3 +417,38 @@ def test_fit_time_batches_are_spread_over_the_lengths_and_sized_by_elements(
     assert [b["input_ids"].shape[1] for b in half] == [10, 30, 50, 70, 90]
     one = pipeline._fit_time_batches(Task(), nn.Identity(), batches, 0.01, 1)  # type: ignore[arg-type]
     assert len(one) == 1
+
+
+@pytest.mark.parametrize("factor_dtype, later", [(None, 1), ("int8", 2)])
+def test_time_limit_leaves_room_for_the_evaluations_after_distillation(
+    factor_dtype: str | None,
+    later: int,
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from tensorfold.pretrained import pipeline, tasks
+
+    slow = 0.3  # seconds each evaluation takes at least
+
+    def evaluate(self: object, student: nn.Module, teacher: nn.Module, batches: list) -> object:
+        time.sleep(slow)
+        return original(self, student, teacher, batches)
+
+    original = tasks.CausalLMTask.evaluate
+    monkeypatch.setattr(tasks.CausalLMTask, "evaluate", evaluate)
+    seen: list[float] = []
+
+    def distill(*args: object) -> tuple[int, bool]:
+        seen.append(args[-1])  # type: ignore[arg-type]
+        return 0, False
+
+    monkeypatch.setattr(pipeline, "_distill", distill)
+    config = _config(tiny_model("gpt2"), None, text_file, time_limit=600, factor_dtype=factor_dtype)
+    start = time.perf_counter()
+    compress(config, print_fn=lambda s: None)
+    # One evaluation set (the user's data): each later evaluation is reserved once.
+    assert len(seen) == 1 and seen[0] <= start + 600 - later * slow
+    assert seen[0] >= start + 600 - later * slow - 60

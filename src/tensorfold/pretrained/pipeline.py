@@ -315,7 +315,13 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         progress=config.progress,
     )
     seconds["fit"] = time.perf_counter() - t
+    t = time.perf_counter()
     before = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+    if deadline is not None:
+        # The evaluations still to come (after distillation, after quantizing) count
+        # against the limit too: distillation ends early enough to leave time for them.
+        later = 1 + (config.factor_dtype is not None)
+        deadline -= later * (time.perf_counter() - t)
     for name, q in before.items():
         print_fn(f"after layer-wise fitting, {name}: {q}")
 
