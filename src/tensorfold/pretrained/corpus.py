@@ -9,11 +9,14 @@ deterministically into disjoint calibration and evaluation sets.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import inspect
 import re
 import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 __all__ = ["english_sentences", "calibration_and_evaluation_sentences", "training_sentences"]
 
@@ -215,6 +218,38 @@ def _clean(text: str) -> list[str]:
 
 
 _DESCRIPTORS = (property, classmethod, staticmethod)
+
+
+def gzip_file_sentences(
+    paths: Iterable[Path], to_text: Callable[[str], str], max_words: int, excluded: set[str]
+) -> list[list[str]]:
+    """The clean sentences of each gzip-compressed text file, one list per file that keeps
+    any, read in a fixed order (by a hash of the file name) until about ``max_words`` words.
+
+    ``to_text`` turns a file's contents into prose paragraphs; sentences in ``excluded``
+    (lower case) are skipped and every kept one is added to it, so the result holds each
+    sentence once. A file that cannot be read is skipped.
+    """
+    files = sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
+    kept_by_file: list[list[str]] = []
+    total = 0
+    for path in files:
+        if total >= max_words:
+            break
+        try:
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
+                source = fh.read()
+        except (OSError, EOFError):
+            continue
+        kept = []
+        for sent in _clean(to_text(source)):
+            if sent.lower() not in excluded:
+                excluded.add(sent.lower())
+                kept.append(sent)
+        if kept:
+            kept_by_file.append(kept)
+            total += sum(len(s.split()) for s in kept)
+    return kept_by_file
 
 
 def _docstrings(mod: object) -> list[str]:

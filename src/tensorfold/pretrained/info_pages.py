@@ -12,12 +12,10 @@ gives nothing.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from .corpus import _clean
+from .corpus import gzip_file_sentences
 
 __all__ = ["info_sentences"]
 
@@ -38,30 +36,18 @@ def _node_text(node: str) -> str | None:
     return text
 
 
+def _manual_text(source: str) -> str:
+    """A manual's prose: its nodes but the preamble (before the first) and licence nodes."""
+    nodes = (_node_text(node) for node in source.split("\x1f")[1:])
+    return "\n\n".join(text for text in nodes if text)
+
+
 @lru_cache(maxsize=4)
 def _info_sentences(max_words: int) -> tuple[str, ...]:
-    files = sorted(
-        INFO_DIR.glob("*.info*.gz"), key=lambda p: hashlib.sha1(p.name.encode()).hexdigest()
+    files = INFO_DIR.glob("*.info*.gz")
+    return tuple(
+        s for kept in gzip_file_sentences(files, _manual_text, max_words, set()) for s in kept
     )
-    seen: set[str] = set()
-    kept: list[str] = []
-    words = 0
-    for path in files:
-        if words >= max_words:
-            break
-        try:
-            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
-                source = fh.read()
-        except (OSError, EOFError):
-            continue
-        for node in source.split("\x1f")[1:]:  # before the first node: the preamble
-            text = _node_text(node)
-            for sent in _clean(text) if text else []:
-                if sent.lower() not in seen:
-                    seen.add(sent.lower())
-                    kept.append(sent)
-                    words += len(sent.split())
-    return tuple(kept)
 
 
 def info_sentences(max_words: int = 200_000) -> list[str]:

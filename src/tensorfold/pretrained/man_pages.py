@@ -8,13 +8,11 @@ which man pages are installed; a machine without man pages gives nothing.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import re
 from functools import lru_cache
 from pathlib import Path
 
-from .corpus import _clean
+from .corpus import gzip_file_sentences
 
 __all__ = ["roff_to_text", "chunk", "man_documents", "man_sentences"]
 
@@ -78,27 +76,8 @@ def chunk(sentences: list[str], max_words: int) -> list[str]:
 
 def _pages(max_words: int, excluded: set[str]) -> list[list[str]]:
     """The kept sentences of each page, in the fixed order, until about ``max_words``."""
-    files = [p for sec in "12345678" for p in sorted((MAN_DIR / f"man{sec}").glob("*.gz"))]
-    files.sort(key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
-    pages: list[list[str]] = []
-    total = 0
-    for path in files:
-        if total >= max_words:
-            break
-        try:
-            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as fh:
-                source = fh.read()
-        except (OSError, EOFError):
-            continue
-        kept = []
-        for sent in _clean(roff_to_text(source)):
-            if sent.lower() not in excluded:
-                excluded.add(sent.lower())  # also deduplicates across pages
-                kept.append(sent)
-        if kept:
-            pages.append(kept)
-            total += sum(len(s.split()) for s in kept)
-    return pages
+    files = [p for sec in "12345678" for p in (MAN_DIR / f"man{sec}").glob("*.gz")]
+    return gzip_file_sentences(files, roff_to_text, max_words, excluded)
 
 
 def man_documents(max_words: int, excluded: set[str]) -> tuple[list[str], int]:
