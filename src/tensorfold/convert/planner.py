@@ -403,7 +403,8 @@ def plan(
         spectra: dict[str, Tensor] = {}
         sens = dict.fromkeys(names, 1.0)
         probe = [] if batches is None else batches[: max(1, min(len(batches), 2))]
-        refs = [output_fn(forward(model, b)).float() for b in probe]
+        with torch.no_grad():  # else autograd keeps every activation of these forwards
+            refs = [output_fn(forward(model, b)).float() for b in probe]
         desc = "sensitivity" if probe else "spectra"
         bar = tqdm(total=len(names), desc=desc, disable=not progress, leave=False)
         for n in names:
