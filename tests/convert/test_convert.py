@@ -80,6 +80,16 @@ def test_plan_changes_nothing_and_prints_a_table() -> None:
     assert "params after" in text and "kept" in text
 
 
+def test_plan_and_tensorize_run_the_model_without_autograd() -> None:
+    # A forward with autograd on keeps all its activations alive (several times the model).
+    m = tiny()
+    grad_on: list[bool] = []
+    m.register_forward_pre_hook(lambda mod, args: grad_on.append(torch.is_grad_enabled()))
+    plan(m, budget=0.5, calibration=calib())
+    tensorize(m, budget=0.5, calibration=calib(), refine_steps=2, progress=False)
+    assert grad_on and not any(grad_on)
+
+
 @pytest.mark.parametrize("factorization", [*names(), "auto"])
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_budget_met_within_two_percent(factorization: str, budget: float) -> None:
@@ -236,6 +246,8 @@ def test_distill_lowers_the_loss() -> None:
     )
     assert len(losses) == 40
     assert sum(losses[-4:]) < sum(losses[:4])
+    # No gradients left behind, and the frozen parameters are as they were.
+    assert all(p.grad is None and p.requires_grad for p in student.parameters())
     with pytest.raises(ConversionError, match="steps=-1 must be an int >= 0"):
         tensorfold.convert.distill(student, teacher, calib(1), steps=-1)
     with pytest.raises(ConversionError, match=r"max_seconds=0 must be > 0 \(or None: no limit\)"):

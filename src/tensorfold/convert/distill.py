@@ -21,7 +21,7 @@ from ..errors import ConversionError
 from ..nn import FactorizedLinear
 from ._util import as_batches, match_names, output_tensor
 from .options import DistillOptions, ModelCall, resolve
-from .teacher_cache import TeacherCache
+from .spill_cache import SpillCache
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
 
@@ -171,7 +171,7 @@ def distill(
         while True:
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
-    cache = TeacherCache(opts.cache_bytes, opts.cache_disk)
+    cache = SpillCache(opts.cache_bytes, opts.cache_disk)
 
     def teacher_outputs(i: int) -> tuple[Any, dict[str, Tensor]]:
         hit = cache.get(i) if opts.cache_teacher else None
@@ -186,7 +186,12 @@ def distill(
 
     losses = [] if losses is None else losses
     start = time.perf_counter()
+    # Parameters that are not trained get no gradients (memory and time), for the run only.
+    trained = {id(p) for p in params}
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trained]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         with torch.enable_grad():
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
             for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
@@ -215,6 +220,9 @@ def distill(
             if taps is not None:
                 taps.remove()
         cache.close()
+        opt.zero_grad(set_to_none=True)  # the gradients would outlive the run otherwise
+        for p in frozen:
+            p.requires_grad_(True)
         student.train(was_training[0])
         teacher.train(was_training[1])
     return losses
