@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,20 +59,60 @@ def test_replay_gives_bit_identical_fits(monkeypatch: pytest.MonkeyPatch, n_bloc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_replay_skips_finished_blocks() -> None:
+def _private_tempdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    made: list[Path] = []
+
+    def mkdtemp(prefix: str = "") -> str:
+        path = tmp_path / f"{prefix}{len(made)}"
+        path.mkdir()
+        made.append(path)
+        return str(path)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+@pytest.mark.parametrize("memory_bytes", [None, 0])  # 0: every output goes to disk
+def test_replay_skips_finished_blocks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, memory_bytes: int | None
+) -> None:
+    made = _private_tempdir(monkeypatch, tmp_path)
     m = tiny()
     m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(4)])
     batches = calib(3)
     calls = count_block_calls(m)
-    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b))
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b), memory_bytes)
     rep.advance(3)  # blocks 0-2 final: cache block 2's output
     assert rep.enabled and rep.upto == 3
+    on_disk = [p for d in made if d.exists() for p in d.iterdir()]
+    assert len(on_disk) == (3 if memory_bytes == 0 else 0)
     calls[:] = [0] * 4
     with torch.no_grad(), rep.active():
         replayed = [rep.forward(m, b) for b in batches]
     assert calls == [0, 0, 0, 3]  # only the last block runs
     with torch.no_grad():
         assert all(torch.equal(r, m(b)) for r, b in zip(replayed, batches, strict=False))
+    rep.close()
+    assert not any(d.exists() for d in made)
+
+
+def test_replay_switches_itself_off_without_room(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    made = _private_tempdir(monkeypatch, tmp_path)
+
+    class Usage:
+        free = 100  # bytes: half of it is less than one batch's output
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage())
+    m = tiny()
+    batches = calib(2)
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b), memory_bytes=0)
+    rep.advance(1)
+    assert not rep.enabled and rep.upto == 0
+    assert not any(d.exists() for d in made)
+    with torch.no_grad(), rep.active():
+        assert torch.equal(rep.forward(m, batches[0]), m(batches[0]))  # plain forwards again
 
 
 class CalledTwice(nn.Module):

@@ -102,36 +102,42 @@ def _fit_sequential(
         for g in groups
     ]
     # The original runs beside the copy in every pass (replayed too), so no activations
-    # beyond the replayed block outputs are ever kept, however many batches there are.
+    # beyond the replayed block outputs are ever kept; past a quarter of the model's bytes
+    # each, those go to disk, so memory does not grow with the number of batches.
     replays = {}
     if stack is not None:
-        replays[id(work)] = BlockReplay(work, stack[1], batches, forward)
+        bound = sum(p.numel() * p.element_size() for p in orig.parameters()) // 4
+        replays[id(work)] = BlockReplay(work, stack[1], batches, forward, bound)
         blocks = orig.get_submodule(stack[0])
         assert isinstance(blocks, nn.ModuleList)  # the same structure as in work
-        replays[id(orig)] = BlockReplay(orig, blocks, batches, forward)
+        replays[id(orig)] = BlockReplay(orig, blocks, batches, forward, bound)
 
     def replayed_forward(m: nn.Module, batch: Any) -> Any:
         return replays[id(m)].forward(m, batch) if id(m) in replays else forward(m, batch)
 
-    for g, group in enumerate(groups):
-        # Blocks before the earliest block any unfitted group lives in are final.
-        upto = min((s for s in starts[g:] if s is not None), default=0)
-        with contextlib.ExitStack() as active:
-            for rep in replays.values():
-                rep.advance(upto)
-                active.enter_context(rep.active())
-            gstats = record_stats(work, group, batches, replayed_forward, original=orig)
-        for name in group:
-            lp = by_name[name]
-            with _about(lp):
-                layer = _build(lp, linears[name], implementation)
-                problem = whitened_problem(linears[name].weight, gstats.get(name))
-                lp.error = fit_weight(layer.weight, problem, refine_steps)
-            built[name] = layer
-            # In place the layer goes in as it is (memory shrinks as fitting goes on); in
-            # the private copy the same function as a dense layer runs faster.
-            set_module(work, name, layer if in_place else layer.to_linear())
-            tick()
+    try:
+        for g, group in enumerate(groups):
+            # Blocks before the earliest block any unfitted group lives in are final.
+            upto = min((s for s in starts[g:] if s is not None), default=0)
+            with contextlib.ExitStack() as active:
+                for rep in replays.values():
+                    rep.advance(upto)
+                    active.enter_context(rep.active())
+                gstats = record_stats(work, group, batches, replayed_forward, original=orig)
+            for name in group:
+                lp = by_name[name]
+                with _about(lp):
+                    layer = _build(lp, linears[name], implementation)
+                    problem = whitened_problem(linears[name].weight, gstats.get(name))
+                    lp.error = fit_weight(layer.weight, problem, refine_steps)
+                built[name] = layer
+                # In place the layer goes in as it is (memory shrinks as fitting goes on); in
+                # the private copy the same function as a dense layer runs faster.
+                set_module(work, name, layer if in_place else layer.to_linear())
+                tick()
+    finally:
+        for rep in replays.values():
+            rep.close()
 
 
 def tensorize(

@@ -8,6 +8,8 @@ back instead of recomputed. :class:`BlockReplay` does that for a stack of blocks
 ``nn.ModuleList``, as in every transformer) and checks on the first batch that the model's
 output with replay is bit-identical to a full forward; if it is not (a block called twice,
 blocks run out of order, an in-place update of a block's output), replay switches itself off.
+The outputs are kept in a :class:`~tensorfold.convert.spill_cache.SpillCache`: in memory up
+to a byte bound, then on disk, so memory does not grow with the number of batches.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ._util import ForwardFn, StopForward, run_until_stopped, tensors_of
+from .spill_cache import SpillCache
 
 __all__ = ["BlockReplay", "find_stack"]
 
@@ -57,17 +60,24 @@ class BlockReplay:
 
     Use :meth:`forward` as the ``forward`` function of the calibration passes (it tells the
     replayed blocks which batch is running), :meth:`advance` once the blocks before
-    ``upto`` are final, and :meth:`active` around the passes.
+    ``upto`` are final, :meth:`active` around the passes and :meth:`close` at the end.
+    Outputs past ``memory_bytes`` (``None``: no bound) go to a temporary directory.
     """
 
     def __init__(
-        self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any], forward: ForwardFn
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        batches: Sequence[Any],
+        forward: ForwardFn,
+        memory_bytes: int | None = None,
     ) -> None:
         self.model, self.blocks, self.batches, self._forward = model, blocks, batches, forward
         self._index = {id(b): k for k, b in enumerate(batches)}
         self.upto = 0
         self.enabled = True
-        self._outputs: list[Any] = []
+        self._memory_bytes = memory_bytes
+        self._outputs = SpillCache(0, disk=False)
         self._current = 0
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
@@ -85,7 +95,7 @@ class BlockReplay:
         def replayed(*args: Any, **kwargs: Any) -> Any:
             if self._current < 0:
                 raise RuntimeError("BlockReplay: a batch that was not given at construction")
-            return outputs[self._current]
+            return outputs.get(self._current)
 
         patched = list(self.blocks[: self.upto])
         own = [blk.__dict__.get("forward") for blk in patched]  # rare: set on the instance
@@ -108,10 +118,12 @@ class BlockReplay:
         if not self.enabled or upto <= self.upto:
             return
         last = self.blocks[upto - 1]
-        new: list[Any] = [None] * len(self.batches)
+        new = SpillCache(self._memory_bytes, disk=True)
+        kept: set[int] = set()
 
         def keep(module: nn.Module, args: Any, output: Any) -> None:
-            new[self._current] = output
+            if new.put(self._current, output):
+                kept.add(self._current)
             raise StopForward  # nothing after this block is needed
 
         handle = last.register_forward_hook(keep)
@@ -119,10 +131,15 @@ class BlockReplay:
             with self.active():
                 for batch in self.batches:
                     run_until_stopped(self.forward, self.model, batch)
+        except BaseException:
+            new.close()
+            raise
         finally:
             handle.remove()
-        if any(o is None for o in new):  # the block did not run on some batch
-            self.enabled, self.upto, self._outputs = False, 0, []
+        self._outputs.close()
+        if len(kept) < len(self.batches):  # the block did not run on some batch, or no room
+            new.close()
+            self._off()
             return
         self._outputs, self.upto = new, upto
         # The check: replaying must leave the model's whole output on the first batch
@@ -131,4 +148,12 @@ class BlockReplay:
         with self.active():
             again = self.forward(self.model, self.batches[0])
         if not _identical(full, again):
-            self.enabled, self.upto, self._outputs = False, 0, []
+            self._off()
+
+    def _off(self) -> None:
+        self._outputs.close()
+        self.enabled, self.upto = False, 0
+
+    def close(self) -> None:
+        """Drop the kept outputs (and their directory)."""
+        self._outputs.close()
