@@ -89,6 +89,17 @@ def test_compress_save_and_from_pretrained_round_trip(
     assert ("perplexity_ratio" in held) == (kind in ("gpt2", "llama", "qwen2"))
     # The original layers' parameter count is what the plan says it was.
     original = models.load(tiny_model(kind)).model
+    # The teacher is the original, untouched; the student shares only its embeddings.
+    for (name, a), b in zip(
+        result.teacher.state_dict().items(), original.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    embeddings = [m.weight for m in result.teacher.modules() if isinstance(m, nn.Embedding)]
+    assert embeddings or kind == "vit"  # ViT embeds patches with a convolution
+    student_params = {id(p) for p in result.student.parameters()}
+    assert all(id(w) in student_params for w in embeddings)
+    shared = student_params & {id(p) for p in result.teacher.parameters()}
+    assert shared == {id(w) for w in embeddings}
     names = [lp.name for lp in result.report.layers]
     assert all(
         n.startswith(("transformer.h.", "model.layers.", "encoder.layer.", "layers."))

@@ -124,7 +124,7 @@ class CompressResult:
     distill_steps_done: int
     interrupted: bool
     seconds: dict[str, float]
-    student: nn.Module = field(repr=False)
+    student: nn.Module = field(repr=False)  # shares its embedding weights with the teacher
     teacher: nn.Module = field(repr=False)
     out: Path | None = None
     reload_verified: bool | None = None  # the written directory loads back to the same model
@@ -292,7 +292,10 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         counts["calibration used"] = sum(len(next(iter(b.values()))) for b in cal)
     seconds: dict[str, float] = {"load": time.perf_counter() - t0}
 
-    student = copy.deepcopy(teacher)
+    # Embeddings are never converted nor trained: the student shares them with the teacher
+    # instead of holding a second copy (often a large part of the model).
+    shared = {id(m.weight): m.weight for m in teacher.modules() if isinstance(m, nn.Embedding)}
+    student = copy.deepcopy(teacher, memo=shared)
     t = time.perf_counter()
     options = PlanOptions(
         budget=config.budget,
@@ -399,10 +402,10 @@ def _distill(
             features=block_features(student, names),
             parameters="factorized+norms",
             max_seconds=max_seconds,
-            # Skipping the teacher's forward pays, but the cache must not grow with the
-            # data: it holds at most as many bytes as the teacher's parameters.
+            # Skipping the teacher's forward pays, but memory must not grow with the data:
+            # past a quarter of the teacher's parameter bytes, outputs go to disk.
             cache_teacher=True,
-            cache_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()),
+            cache_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) // 4,
         )
         distill(
             student,
