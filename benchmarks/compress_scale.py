@@ -16,10 +16,11 @@ Every compression runs in a fresh subprocess (``tensorfold.pretrained.compress``
 encoder defaults: 1,024 calibration and 512 held-out sentences), and its peak resident
 memory is that child's ``ru_maxrss`` (``os.wait4`` returns the rusage of exactly that
 child; ``resource.getrusage(RUSAGE_CHILDREN)`` gives the same figure for the largest child
-so far and is recorded too). A second subprocess only imports the libraries and loads the
-model: its peak is the floor every run pays (Python, torch, transformers, the model), so
-``peak - floor`` is what compression itself adds. Reported per size: parameters, model
-bytes (fp32 parameters and buffers), the pipeline's seconds per stage
+so far and is recorded too). A second subprocess imports the libraries, loads the model
+and runs it once on one batch of 32 of the longest calibration sentences: its peak
+is the floor every run pays (Python, torch, transformers, the model, the math libraries'
+first-call workspaces), so ``peak - floor`` is what compression itself adds. Reported per
+size: parameters, model bytes (fp32 parameters and buffers), the pipeline's seconds per stage
 (``result.seconds``), seconds per million parameters, peak RSS, peak / model bytes and
 (peak - floor) / model bytes.
 
@@ -112,11 +113,17 @@ def worker(model_dir: str, result: str, distill_steps: int, load_only: bool) -> 
     import torch
 
     if load_only:
+        from tensorfold.pretrained.bundled import bundled_sentences
         from tensorfold.pretrained.models import load
+        from tensorfold.pretrained.tasks import task_for
 
         t = time.perf_counter()
         loaded = load(model_dir, "encoder")
         out: dict[str, Any] = {"seconds": {"load": time.perf_counter() - t}}
+        task = task_for(loaded, 128, torch.device("cpu"))
+        longest = task.batches(bundled_sentences()[:1024])[-1]
+        with torch.no_grad():
+            task.forward(loaded.model, longest)
         del loaded
     else:
         from tensorfold.pretrained import CompressConfig, compress
@@ -208,7 +215,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Each compression in a fresh subprocess: `CompressConfig(task='encoder', budget=0.5, "
         f"distill_steps={meta['distill_steps']})`, default counts (calibration / distillation "
         "/ held-out sentences below). Peak = the child's `ru_maxrss`; floor = a child that "
-        "only imports and loads the model.",
+        "imports and loads the model and runs it once on a batch of 32 long sentences.",
         "",
         "| size | params | model MiB | calib/distil/eval | load s | fit s | distill s | "
         "total s | s per M params | peak MiB | floor MiB | peak / model | "
