@@ -89,16 +89,22 @@ def whitened_problem(
     if stats is None:
         eye = torch.eye(n_in, dtype=torch.float64)
         return WhitenedProblem(w, eye, w.clone())
-    cov, cross = stats.cov.cpu().double(), stats.cross.cpu().double()
+    # The (in, in) matrices dominate memory for wide inputs: one damped copy at a time,
+    # ridges added on the diagonal in place (the statistics themselves may be shared).
+    cov = stats.cov.cpu().to(torch.float64, copy=True)
     lam = damping * float(cov.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(n_in, dtype=torch.float64)
-    cov = cov + lam * eye
+    cov.diagonal().add_(lam)
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(cov)
         if int(info) == 0:
             break
-        cov = cov + (10.0**attempt) * lam * eye  # numerically indefinite: damp harder
-    target = torch.linalg.solve_triangular(chol, (w @ (cross + lam * eye)).T, upper=False).T
+        cov.diagonal().add_((10.0**attempt) * lam)  # numerically indefinite: damp harder
+    del cov
+    cross = stats.cross.cpu().to(torch.float64, copy=True)
+    cross.diagonal().add_(lam)
+    product = w @ cross
+    del cross
+    target = torch.linalg.solve_triangular(chol, product.T, upper=False).T
     return WhitenedProblem(w, chol, target)
 
 
