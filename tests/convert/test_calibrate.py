@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorfold.convert.calibrate import input_groups, record_stats
+from tensorfold.convert.calibrate import input_groups, record_stats, stats_by_block
 
 
 class SharedInput(nn.Module):
@@ -99,3 +99,30 @@ def test_float32_statistics_for_planning_match_float64() -> None:
     low = record_stats(m, ["q", "out"], xs, dtype=torch.float32)
     assert low["q"].cov.dtype == torch.float32
     torch.testing.assert_close(low["q"].cov.double(), gram(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_stats_by_block_equal_all_layers_at_once() -> None:
+    from .test_convert import Tiny, calib
+
+    torch.manual_seed(0)
+    m = Tiny(n=4)
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    data = calib(3)
+    whole = record_stats(m, names, data, dtype=torch.float32)
+    seen: list[str] = []
+    for chunk, stats in stats_by_block(m, names, data):
+        assert len({block_of(n) for n in chunk}) == 1  # one block (or the rest) at a time
+        seen += chunk
+        for n in chunk:
+            if n not in whole:  # never ran
+                assert n not in stats
+                continue
+            assert torch.equal(stats[n].cov, whole[n].cov), n
+            assert stats[n].tokens == whole[n].tokens
+    # Block by block, then the layers outside the stack.
+    assert seen == [n for n in names if n.startswith("blocks.")] + ["inp", "unused"]
+    assert "unused" not in whole
+
+
+def block_of(name: str) -> str:
+    return name.split(".")[1] if name.startswith("blocks.") else "rest"

@@ -13,7 +13,7 @@ familiar ``||(W - W_hat) C^{1/2}||_F^2``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import ForwardFn, StopForward, call_model, run_until_stopped
+from .replay import BlockReplay, block_index, find_stack
 
 
 @dataclass
@@ -164,6 +165,51 @@ def _record_stats(
             out[first] = LayerStats(c, x, tokens[first])
         out[name] = out[first]
     return out
+
+
+def stats_by_block(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    forward: ForwardFn = call_model,
+    dtype: torch.dtype = torch.float32,
+) -> Generator[tuple[list[str], dict[str, LayerStats]]]:
+    """:func:`record_stats` one block of the model's stack at a time: yields ``(names of
+    the block, their statistics)`` in block order, then the layers outside the stack.
+
+    Only one block's statistics are held at once (all layers' together can take more than
+    the model). The model must not change while this runs: blocks before the one being
+    recorded are replayed from their kept outputs (:class:`BlockReplay`), so all blocks
+    cost about two block evaluations per batch. Close the generator (or run it out) to
+    remove the replay's files.
+    """
+    stack = find_stack(model, names)
+    if stack is None:
+        yield list(names), record_stats(model, names, batches, forward, dtype=dtype)
+        return
+    prefix, blocks = stack
+    chunks: dict[int, list[str]] = {}
+    rest = []
+    for n in names:
+        i = block_index(prefix, n)
+        if i is None:
+            rest.append(n)
+        else:
+            chunks.setdefault(i, []).append(n)
+    bound = sum(p.numel() * p.element_size() for p in model.parameters()) // 4
+    replay = BlockReplay(model, blocks, batches, forward, bound)
+    try:
+        for i in sorted(chunks):
+            replay.advance(i)
+            with replay.active():
+                stats = record_stats(model, chunks[i], batches, replay.forward, dtype=dtype)
+            yield chunks[i], stats
+            del stats
+        replay.close()
+        if rest:
+            yield rest, record_stats(model, rest, batches, forward, dtype=dtype)
+    finally:
+        replay.close()
 
 
 @torch.no_grad()

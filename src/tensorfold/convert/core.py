@@ -185,20 +185,19 @@ def tensorize(
     start = time.perf_counter()
     batches = as_batches(calibration)
     stats = None
-    if from_plan is None:
+    if from_plan is None and sequential:
+        # Rank allocation needs only the spectra: a subset of the batches is enough when
+        # the layers are then fitted sequentially on all of them, each on statistics of its
+        # own (the planner records its own block by block).
+        alloc = None if batches is None else batches[: max(1, len(batches) // 4)]
+        from_plan = plan(model, opts, alloc, call=how, progress=progress)
+    elif from_plan is None:
         names = match_modules(model, opts.targets, opts.exclude)
         if batches is not None and names:
-            # Rank allocation needs only the spectra: a subset of the batches is enough when
-            # the layers are then fitted sequentially on all of them.
-            alloc = batches[: max(1, len(batches) // 4)] if sequential else batches
-            bar = tqdm(total=len(alloc), desc="calibrating", disable=not progress, leave=False)
-            # Only planning reads them when fitting is sequential (float32 then suffices).
-            dtype = torch.float32 if sequential else torch.float64
-            stats = record_stats(model, names, alloc, forward, on_batch=bar.update, dtype=dtype)
+            bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
+            stats = record_stats(model, names, batches, forward, on_batch=bar.update)
             bar.close()
         from_plan = plan(model, opts, batches, call=how, progress=progress, _stats=stats)
-        if sequential:
-            stats = None  # fitted on statistics of its own; these hold as much as the model
     layers = [copy.copy(lp) for lp in from_plan.layers]
     modules = {lp.name: model.get_submodule(lp.name) for lp in layers}
     for lp in layers:

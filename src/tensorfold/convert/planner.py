@@ -9,8 +9,9 @@ error at that layer's share.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from ._util import (
     linear_view,
     match_modules,
 )
-from .calibrate import LayerStats, record_stats
+from .calibrate import LayerStats, stats_by_block
 from .fit import WhitenedProblem, fit_weight, whitened_problem
 from .options import (
     ModelCall,
@@ -183,6 +184,32 @@ def _layer_plan(name: str, linear: nn.Linear, fmt: str, share: float, n_modes: A
         after,
         linear.bias is not None,
     )
+
+
+def _best_format(
+    lp: LayerPlan,
+    problem: WhitenedProblem,
+    linear: nn.Linear,
+    formats: Sequence[str],
+    n_modes: Any,
+    data_aware: bool,
+    bar: Any,
+) -> LayerPlan:
+    """The candidate format with the lowest calibrated error at ``lp``'s share."""
+    best: LayerPlan | None = None
+    for f in formats:
+        cand = _layer_plan(lp.name, linear, f, lp.share, n_modes)
+        layer = FactorizedLinear(
+            cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank
+        )
+        cand.error = fit_weight(layer.weight, problem, refine_steps=0, data_aware=data_aware)
+        lp.candidates[f] = cand.error
+        if best is None or cand.error < best.error - 1e-9:
+            best = cand
+        bar.update()
+    assert best is not None  # formats is never empty
+    best.candidates, best.sensitivity = lp.candidates, lp.sensitivity
+    return best
 
 
 # ---- rank allocation -----------------------------------------------------------------------
@@ -383,18 +410,18 @@ def plan(
             )
         return ConversionPlan(layers, None, fmt, batches is not None)
 
-    stats = _stats
-    if batches is not None and stats is None:
-        bar = tqdm(total=len(batches), desc="calibrating", disable=not progress, leave=False)
-        stats = record_stats(
-            model, names, batches, forward, on_batch=bar.update, dtype=torch.float32
-        )
-        bar.close()
-
-    def problem_of(name: str) -> WhitenedProblem:
-        # Built when needed and dropped after: all layers' problems at once would hold
-        # several times the model in float64.
-        return whitened_problem(linears[name].weight, stats.get(name) if stats else None)
+    def problems() -> Generator[tuple[str, WhitenedProblem]]:
+        # Each layer's problem is built when needed and dropped after (all at once they
+        # would hold several times the model in float64). Statistics not given are
+        # recorded one block at a time, so those of all layers are never held together.
+        if batches is None or _stats is not None:
+            for n in names:
+                yield n, whitened_problem(linears[n].weight, _stats.get(n) if _stats else None)
+            return
+        with contextlib.closing(stats_by_block(model, names, batches, forward)) as chunks:
+            for chunk, stats in chunks:
+                for n in chunk:
+                    yield n, whitened_problem(linears[n].weight, stats.get(n))
 
     if opts.allocation == "uniform":
         shares = dict.fromkeys(names, budget)
@@ -407,13 +434,13 @@ def plan(
             refs = [output_fn(forward(model, b)).float() for b in probe]
         desc = "sensitivity" if probe else "spectra"
         bar = tqdm(total=len(names), desc=desc, disable=not progress, leave=False)
-        for n in names:
-            problem = problem_of(n)
-            spectra[n] = problem.spectrum()
-            if probe:
-                sens[n] = _sensitivity(model, n, problem, budget, probe, refs, how)
-            del problem
-            bar.update()
+        with contextlib.closing(problems()) as each:
+            for n, problem in each:
+                spectra[n] = problem.spectrum()
+                if probe:
+                    sens[n] = _sensitivity(model, n, problem, budget, probe, refs, how)
+                del problem
+                bar.update()
         bar.close()
         shares = _allocate(linears, spectra, sens, budget)
     layers = [_layer_plan(n, linears[n], base_fmt, shares[n], n_tensorized_modes) for n in names]
@@ -427,27 +454,21 @@ def plan(
             disable=not progress,
             leave=False,
         )
-        chosen = []
-        for lp in layers:
-            best: LayerPlan | None = None
-            problem = problem_of(lp.name)
-            for f in formats:
-                cand = _layer_plan(lp.name, linears[lp.name], f, lp.share, n_tensorized_modes)
-                layer = FactorizedLinear(
-                    cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank
+        chosen: dict[str, LayerPlan] = {}
+        by_name = {lp.name: lp for lp in layers}
+        with contextlib.closing(problems()) as each:
+            for name, problem in each:
+                chosen[name] = _best_format(
+                    by_name[name],
+                    problem,
+                    linears[name],
+                    formats,
+                    n_tensorized_modes,
+                    batches is not None,
+                    bar,
                 )
-                cand.error = fit_weight(
-                    layer.weight, problem, refine_steps=0, data_aware=batches is not None
-                )
-                lp.candidates[f] = cand.error
-                if best is None or cand.error < best.error - 1e-9:
-                    best = cand
-                bar.update()
-            assert best is not None
-            best.candidates, best.sensitivity = lp.candidates, lp.sensitivity
-            chosen.append(best)
         bar.close()
-        layers = chosen
+        layers = [chosen[lp.name] for lp in layers]
     result = ConversionPlan(layers, budget, fmt, batches is not None)
     total = result.params_after
     if abs(total - budget * result.params_before) > 0.02 * budget * result.params_before:
