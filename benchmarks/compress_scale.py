@@ -4,6 +4,7 @@
                                                               # the first took < 6 minutes)
     python benchmarks/compress_scale.py --sizes 6x384 12x768  # both, unconditionally
     python benchmarks/compress_scale.py --quick               # smoke run: a 2 x 128 encoder
+    python benchmarks/compress_scale.py --checkpoint-blocks   # distil with recomputed blocks
 
 Each size is a ``BertModel`` built from its config with random weights (vocabulary of
 8,000; ``L x H`` = layers x hidden width, intermediate 4 H, H / 64 heads) and saved with
@@ -109,7 +110,9 @@ def build(layers: int, hidden: int, folder: Path) -> dict[str, int]:
 
 
 # ---- the two kinds of child process ------------------------------------------------------
-def worker(model_dir: str, result: str, distill_steps: int, load_only: bool) -> None:
+def worker(
+    model_dir: str, result: str, distill_steps: int, load_only: bool, checkpoint_blocks: bool
+) -> None:
     import torch
 
     if load_only:
@@ -134,6 +137,7 @@ def worker(model_dir: str, result: str, distill_steps: int, load_only: bool) -> 
             budget=0.5,
             device="cpu",
             distill_steps=distill_steps,
+            checkpoint_blocks=checkpoint_blocks,
             progress=False,
             seed=0,
         )
@@ -167,7 +171,7 @@ def in_child(args: list[str]) -> tuple[dict[str, Any], int, float]:
     return out, usage.ru_maxrss, wall
 
 
-def measure(name: str, distill_steps: int) -> dict[str, Any]:
+def measure(name: str, distill_steps: int, checkpoint_blocks: bool) -> dict[str, Any]:
     layers, hidden = SIZES[name]
     with tempfile.TemporaryDirectory(prefix=f"tf-scale-{name}-") as tmp:
         folder = Path(tmp) / "model"
@@ -176,7 +180,8 @@ def measure(name: str, distill_steps: int) -> dict[str, Any]:
         build_s = time.perf_counter() - t
         floor, floor_kib, _ = in_child([str(folder), "--load-only"])
         load_before = os.getloadavg()[0]
-        res, peak_kib, wall = in_child([str(folder), "--distill-steps", str(distill_steps)])
+        args = [str(folder), "--distill-steps", str(distill_steps)]
+        res, peak_kib, wall = in_child(args + ["--checkpoint-blocks"] * checkpoint_blocks)
         children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     peak = peak_kib * 1024
     seconds = res["seconds"]
@@ -213,7 +218,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['commit']}`; machine: {meta['machine']}.  ",
         "Each compression in a fresh subprocess: `CompressConfig(task='encoder', budget=0.5, "
-        f"distill_steps={meta['distill_steps']})`, default counts (calibration / distillation "
+        f"distill_steps={meta['distill_steps']}"
+        + (", checkpoint_blocks=True" if meta.get("checkpoint_blocks") else "")
+        + ")`, default counts (calibration / distillation "
         "/ held-out sentences below). Peak = the child's `ru_maxrss`; floor = a child that "
         "imports and loads the model and runs it once on a batch of 32 long sentences.",
         "",
@@ -243,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
     ap.add_argument("--distill-steps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="smoke run: a 2 x 128 encoder")
+    ap.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        help="distil with CompressConfig(checkpoint_blocks=True): block activations recomputed",
+    )
     ap.add_argument("--out", type=Path, default=None)
     # Internal: the child processes.
     ap.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.worker[0], a.result, a.distill_steps, a.load_only)
+        worker(a.worker[0], a.result, a.distill_steps, a.load_only, a.checkpoint_blocks)
         return 0
     if a.out is None:
         a.out = HERE.parent / "out" if a.quick else HERE / "results"
@@ -268,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "distill_steps": a.distill_steps,
+        "checkpoint_blocks": a.checkpoint_blocks,
         "notes": [],
     }
     rows: list[dict[str, Any]] = []
@@ -281,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             continue
         print(f"== {name}", flush=True)
-        rows.append(measure(name, a.distill_steps))
+        rows.append(measure(name, a.distill_steps, a.checkpoint_blocks))
         print(json.dumps(rows[-1], indent=1), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = "compress_scale_quick" if a.quick else "compress_scale"

@@ -80,6 +80,21 @@ def test_plan_changes_nothing_and_prints_a_table() -> None:
     assert "params after" in text and "kept" in text
 
 
+def test_plan_records_statistics_block_by_block_with_the_same_result() -> None:
+    from tensorfold.convert.calibrate import record_stats
+    from tensorfold.convert.planner import plan as plan_with
+
+    m = Tiny(n=3)
+    names = linear_names(m)
+    data = calib(3)
+    whole = record_stats(m, names, data, dtype=torch.float32)
+    streamed = plan(m, budget=0.4, calibration=data)
+    given = plan_with(m, budget=0.4, calibration=data, _stats=whole)
+    assert [(lp.name, lp.factorization, lp.rank, lp.error) for lp in streamed.layers] == [
+        (lp.name, lp.factorization, lp.rank, lp.error) for lp in given.layers
+    ]
+
+
 def test_plan_and_tensorize_run_the_model_without_autograd() -> None:
     # A forward with autograd on keeps all its activations alive (several times the model).
     m = tiny()
@@ -279,6 +294,44 @@ def test_distill_matches_intermediate_features_and_trains_norms() -> None:
         tensorfold.convert.distill(student, teacher, calib(1), steps=1, features="nothing")
     with pytest.raises(ConversionError, match="parameters='some'"):
         tensorfold.convert.distill(student, teacher, calib(1), steps=1, parameters="some")
+
+
+def test_distill_with_checkpointed_blocks_is_the_same_run() -> None:
+    teacher = Tiny(n=3)
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    runs = []
+    for checkpoint in (False, True):
+        s = copy.deepcopy(student)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses = tensorfold.convert.distill(
+                s,
+                teacher,
+                calib(3),
+                steps=6,
+                lr=3e-3,
+                progress=False,
+                features="blocks.*[0-9]",
+                checkpoint_blocks=checkpoint,
+            )
+        runs.append((losses, s.state_dict(), sum(saved)))
+        assert not any("forward" in blk.__dict__ for blk in s.blocks)  # restored
+    (plain, plain_state, plain_saved), (ckpt, ckpt_state, ckpt_saved) = runs
+    torch.testing.assert_close(torch.tensor(ckpt), torch.tensor(plain))
+    for k in plain_state:
+        torch.testing.assert_close(ckpt_state[k], plain_state[k])
+    assert ckpt_saved < plain_saved / 2  # block activations are not kept for backward
+    flat = nn.Sequential(FactorizedLinear((4, 4), (4, 4), rank=0.5), nn.ReLU())
+    with pytest.raises(ConversionError, match="checkpoint_blocks=True: the student has no stack"):
+        tensorfold.convert.distill(flat, copy.deepcopy(flat), calib(1), checkpoint_blocks=True)
+    with pytest.raises(ConversionError, match="checkpoint_blocks='yes' must be True or False"):
+        tensorfold.convert.distill(student, teacher, calib(1), checkpoint_blocks="yes")
 
 
 def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> None:

@@ -250,6 +250,7 @@ def test_budget_is_rejected_before_anything_loads(
         ("bad-task", "task='translation' must be one of"),
         ("bad-dtype", "dtype='float16' must be one of float32, bfloat16"),
         ("bad-factor-dtype", "factor_dtype='int4' is not one of 'int8'"),
+        ("no-stack", "checkpoint_blocks=True: the compressed layers do not sit in a stack"),
     ],
 )
 def test_bad_input_fails_at_once_with_one_line(
@@ -298,6 +299,8 @@ def test_bad_input_fails_at_once_with_one_line(
         extra += ["--dtype", "float16"]
     elif case == "bad-factor-dtype":
         extra += ["--factor-dtype", "int4"]
+    elif case == "no-stack":
+        extra += ["--checkpoint-blocks", "--targets", "lm_head"]
     before = sorted(p.name for p in tmp_path.iterdir())
     err = _cli_error(
         [
@@ -316,6 +319,23 @@ def test_bad_input_fails_at_once_with_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     if case == "out-exists":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_checkpointed_blocks_distil_the_same_student(
+    tiny_model: Callable[[str], Path], text_file: Path
+) -> None:
+    runs = [
+        compress(
+            _config(tiny_model("llama"), None, text_file, checkpoint_blocks=flag),
+            print_fn=lambda s: None,
+        )
+        for flag in (False, True)
+    ]
+    assert runs[0].distill_steps_done == runs[1].distill_steps_done > 0
+    for (name, a), b in zip(
+        runs[0].student.state_dict().items(), runs[1].student.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

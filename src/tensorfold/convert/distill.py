@@ -8,10 +8,11 @@ more sample-efficient than the final output alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from ..errors import ConversionError
 from ..nn import FactorizedLinear
 from ._util import as_batches, match_names, output_tensor
 from .options import DistillOptions, ModelCall, resolve
+from .replay import find_stack
 from .spill_cache import SpillCache
 
 __all__ = ["distill", "relative_mse", "trainable_parameters"]
@@ -97,6 +99,30 @@ class _Taps:
             h.remove()
 
 
+@contextlib.contextmanager
+def _recomputed(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Run each block under ``torch.utils.checkpoint``: its activations are recomputed in
+    the backward pass instead of kept. The blocks' own hooks still fire once per forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    own = [blk.__dict__.get("forward") for blk in blocks]  # rare: set on the instance
+    for blk in blocks:
+        inner = blk.forward
+
+        def run(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        blk.forward = run  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for blk, previous in zip(blocks, own, strict=True):
+            if previous is None:
+                del blk.forward
+            else:
+                blk.forward = previous
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -157,6 +183,16 @@ def distill(
         names = match_names(student, features, "features")
         if not names:
             raise ConversionError(f"features={features!r} matches no module of the student")
+    blocks = None
+    if opts.checkpoint_blocks:
+        factorized = [n for n, m in student.named_modules() if isinstance(m, FactorizedLinear)]
+        stack = find_stack(student, factorized)
+        if stack is None:
+            raise ConversionError(
+                "checkpoint_blocks=True: the student has no stack of blocks (an nn.ModuleList "
+                "with factorized layers in at least two of its children)"
+            )
+        blocks = list(stack[1])
     loss_fn = loss_fn or (lambda s, t, b: relative_mse(output_fn(s), output_fn(t)))
     was_training = (student.training, teacher.training)
     student.eval()
@@ -189,10 +225,11 @@ def distill(
     # Parameters that are not trained get no gradients (memory and time), for the run only.
     trained = {id(p) for p in params}
     frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trained]
+    checkpointing = _recomputed(blocks) if blocks is not None else contextlib.nullcontext()
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointing:
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
             for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
                 t_out, t_feat = teacher_outputs(i)

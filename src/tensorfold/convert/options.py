@@ -188,6 +188,10 @@ class DistillOptions(_Options):
             temporary directory (removed when ``distill`` returns) while they take less
             than half the disk's free space; ``False``: those batches run the teacher
             every time.
+        checkpoint_blocks: recompute each block of the student's stack (the
+            ``nn.ModuleList`` holding its factorized layers) during the backward pass
+            instead of keeping its activations (``torch.utils.checkpoint``): activation
+            memory drops to about one block's, for roughly a third more time per step.
     """
 
     steps: int = 200
@@ -201,8 +205,13 @@ class DistillOptions(_Options):
     cache_teacher: bool = False
     cache_bytes: int | None = None
     cache_disk: bool = True
+    checkpoint_blocks: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint_blocks, bool):
+            raise ConversionError(
+                f"checkpoint_blocks={self.checkpoint_blocks!r} must be True or False"
+            )
         if self.cache_bytes is not None and (
             isinstance(self.cache_bytes, bool)
             or not isinstance(self.cache_bytes, int)

@@ -82,6 +82,9 @@ class CompressConfig:
         factor_dtype: ``None`` (factors in ``dtype``) or ``'int8'``: after distillation the
             factors are stored as int8 with per-channel scales and computed in ``dtype``
             (``tensorfold.quantize_factors``); quality is reported before and after.
+        checkpoint_blocks: recompute each block's activations in distillation's backward
+            pass instead of keeping them (``DistillOptions.checkpoint_blocks``): less
+            memory, about a third more time per step.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
@@ -106,6 +109,7 @@ class CompressConfig:
     lr: float = 1e-4
     refine_steps: int = 50
     factor_dtype: str | None = None
+    checkpoint_blocks: bool = False
     progress: bool = True
     seed: int = 0
 
@@ -158,6 +162,10 @@ def check_config(config: CompressConfig) -> torch.device:
         raise ConversionError(f"time_limit={config.time_limit!r} must be seconds > 0 (or None)")
     if not (isinstance(config.lr, (int, float)) and config.lr > 0):
         raise ConversionError(f"lr={config.lr!r} must be > 0")
+    if not isinstance(config.checkpoint_blocks, bool):
+        raise ConversionError(
+            f"checkpoint_blocks={config.checkpoint_blocks!r} must be True or False"
+        )
     if config.dtype not in models.DTYPES:
         raise ConversionError(f"dtype={config.dtype!r} must be one of {', '.join(models.DTYPES)}")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -284,6 +292,10 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     }
     print_fn(f"{loaded.task} model from {config.model_dir}; data: {parts.counts()} ({task.unit})")
     names = match_modules(teacher, targets, config.exclude)
+    if config.checkpoint_blocks and find_stack(teacher, names) is None:
+        raise ConversionError(
+            "checkpoint_blocks=True: the compressed layers do not sit in a stack of blocks"
+        )
     if deadline is not None:
         blocks = find_stack(teacher, names)
         n_blocks = len(blocks[1]) if blocks else 1
@@ -406,6 +418,7 @@ def _distill(
             # past a quarter of the teacher's parameter bytes, outputs go to disk.
             cache_teacher=True,
             cache_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) // 4,
+            checkpoint_blocks=config.checkpoint_blocks,
         )
         distill(
             student,
