@@ -132,6 +132,7 @@ def fit_weight(
     problem: WhitenedProblem,
     refine_steps: int = 100,
     data_aware: bool = True,
+    sweeps: int | None = None,
 ) -> float:
     """Fit ``weight``'s factors in place to the layer's problem; return the relative error.
 
@@ -140,6 +141,8 @@ def fit_weight(
     count pays for), and its decomposition of the unconstrained optimum. When the first
     is reproduced exactly the format holds the optimal rank-``k`` matrix and is kept;
     otherwise L-BFGS refines the factors on the whitened loss (``refine_steps`` iterations).
+    ``sweeps`` caps the iterations of formats decomposed iteratively (CP's ALS, Tucker's
+    HOOI; ``None``: their defaults).
     """
     modes = weight.out_modes + weight.in_modes
     if _set_low_rank(weight, problem):  # the exact optimum, no decomposition needed
@@ -152,7 +155,10 @@ def fit_weight(
         problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol)
     )
     for i, dense in enumerate(candidates):
-        fit_err = weight.fit_(dense.float().reshape(modes))
+        options = {}
+        if sweeps is not None and "n_iter_max" in weight.decomposition_options:
+            options["n_iter_max"] = sweeps
+        fit_err = weight.fit_(dense.float().reshape(modes), **options)
         if i == 0 and data_aware and fit_err < 1e-4:
             exact = True
         with torch.no_grad():

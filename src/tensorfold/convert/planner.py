@@ -44,6 +44,9 @@ __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan"]
 # matrix rank); TT-matrix needs two to compress at all; Tucker with one mode caps the
 # matrix rank at its smaller core rank, two modes spend the budget better.
 DEFAULT_MODES = {"cp": 1, "tt": 1, "tucker": 2, "ttm": 2}
+# Iterations of CP's ALS and Tucker's HOOI when 'auto' compares formats: the comparison
+# only ranks them, and converged fits cost most of the planning time on wide layers.
+_CHOICE_SWEEPS = 5
 
 
 @dataclass
@@ -202,7 +205,9 @@ def _best_format(
         layer = FactorizedLinear(
             cand.in_modes, cand.out_modes, bias=False, factorization=f, rank=cand.rank
         )
-        cand.error = fit_weight(layer.weight, problem, refine_steps=0, data_aware=data_aware)
+        cand.error = fit_weight(
+            layer.weight, problem, refine_steps=0, data_aware=data_aware, sweeps=_CHOICE_SWEEPS
+        )
         lp.candidates[f] = cand.error
         if best is None or cand.error < best.error - 1e-9:
             best = cand
