@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tensorfold.convert import tensorize
 from tensorfold.convert.replay import BlockReplay, block_index, find_stack
 
 from .test_convert import calib, tiny
+from .test_spill_cache import _private_tempdir
 
 
 def count_block_calls(model: nn.Module) -> list[int]:
@@ -57,19 +57,6 @@ def test_replay_gives_bit_identical_fits(monkeypatch: pytest.MonkeyPatch, n_bloc
     tensorize(without, budget=0.4, calibration=calib(3), progress=False)
     a, b = with_replay.state_dict(), without.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _private_tempdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
-    made: list[Path] = []
-
-    def mkdtemp(prefix: str = "") -> str:
-        path = tmp_path / f"{prefix}{len(made)}"
-        path.mkdir()
-        made.append(path)
-        return str(path)
-
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    return made
 
 
 @pytest.mark.parametrize("memory_bytes", [None, 0])  # 0: every output goes to disk

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -223,3 +224,22 @@ def as_batches(calibration: Iterable[Any] | None) -> list[Any] | None:
     if not batches:
         raise ConversionError("calibration is empty: give at least one batch of model inputs")
     return batches
+
+
+@contextlib.contextmanager
+def forwards_replaced(
+    modules: Sequence[nn.Module], make: Callable[[nn.Module], Callable[..., Any]]
+) -> Iterator[None]:
+    """Within the block, each module's ``forward`` is ``make(module)`` (an instance
+    attribute, which shadows the class's; hooks still fire); restored after."""
+    own = [m.__dict__.get("forward") for m in modules]  # rare: set on the instance
+    for m in modules:
+        m.forward = make(m)
+    try:
+        yield
+    finally:
+        for m, previous in zip(modules, own, strict=True):
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import as_batches, match_names, output_tensor
+from ._util import as_batches, forwards_replaced, match_names, output_tensor
 from .options import DistillOptions, ModelCall, resolve
 from .replay import find_stack
 from .spill_cache import SpillCache
@@ -99,28 +99,20 @@ class _Taps:
             h.remove()
 
 
-@contextlib.contextmanager
-def _recomputed(blocks: Sequence[nn.Module]) -> Iterator[None]:
+def _recomputed(blocks: Sequence[nn.Module]) -> contextlib.AbstractContextManager[None]:
     """Run each block under ``torch.utils.checkpoint``: its activations are recomputed in
     the backward pass instead of kept. The blocks' own hooks still fire once per forward."""
     from torch.utils.checkpoint import checkpoint
 
-    own = [blk.__dict__.get("forward") for blk in blocks]  # rare: set on the instance
-    for blk in blocks:
+    def make(blk: nn.Module) -> Callable[..., Any]:
         inner = blk.forward
 
-        def run(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
-        blk.forward = run  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        for blk, previous in zip(blocks, own, strict=True):
-            if previous is None:
-                del blk.forward
-            else:
-                blk.forward = previous
+        return run
+
+    return forwards_replaced(blocks, make)
 
 
 def distill(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._util import ForwardFn, StopForward, run_until_stopped, tensors_of
+from ._util import ForwardFn, StopForward, forwards_replaced, run_until_stopped, tensors_of
 from .spill_cache import SpillCache
 
 __all__ = ["BlockReplay", "find_stack"]
@@ -97,18 +97,8 @@ class BlockReplay:
                 raise RuntimeError("BlockReplay: a batch that was not given at construction")
             return outputs.get(self._current)
 
-        patched = list(self.blocks[: self.upto])
-        own = [blk.__dict__.get("forward") for blk in patched]  # rare: set on the instance
-        for blk in patched:
-            blk.forward = replayed  # an instance attribute shadows the class's forward
-        try:
+        with forwards_replaced(list(self.blocks[: self.upto]), lambda blk: replayed):
             yield
-        finally:
-            for blk, previous in zip(patched, own, strict=True):
-                if previous is None:
-                    del blk.forward
-                else:
-                    blk.forward = previous
 
     @torch.no_grad()
     def advance(self, upto: int) -> None:
