@@ -5,9 +5,11 @@ partly converted model. Run naively, every pass recomputes all the blocks before
 so a model of ``L`` blocks costs ``O(L^2)`` block evaluations. Blocks whose layers are all
 fitted never change again: their output on each calibration batch can be kept and handed
 back instead of recomputed. :class:`BlockReplay` does that for a stack of blocks (an
-``nn.ModuleList``, as in every transformer) and checks on the first batch that the model's
-output with replay is bit-identical to a full forward; if it is not (a block called twice,
-blocks run out of order, an in-place update of a block's output), replay switches itself off.
+``nn.ModuleList``, as in every transformer). The first time it starts replaying it checks,
+on the first batch, that the blocks run in order and each at most once, and that the
+model's output with replay is bit-identical to a full forward; if not, replay switches
+itself off. Replayed outputs are handed out as copies, so a model that updates a block's
+output in place cannot change what is kept; the check therefore holds for later blocks too.
 The outputs are kept in a :class:`~tensorfold.convert.spill_cache.SpillCache`: in memory up
 to a byte bound, then on disk, so memory does not grow with the number of batches.
 """
@@ -19,7 +21,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
 from ._util import ForwardFn, StopForward, forwards_replaced, run_until_stopped, tensors_of
 from .spill_cache import SpillCache
@@ -79,6 +82,7 @@ class BlockReplay:
         self._memory_bytes = memory_bytes
         self._outputs = SpillCache(0, disk=False)
         self._current = 0
+        self._checked = False
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         self._current = self._index.get(id(batch), -1)
@@ -97,7 +101,13 @@ class BlockReplay:
                 raise RuntimeError("BlockReplay: a batch that was not given at construction")
             return outputs.get(self._current)
 
-        with forwards_replaced(list(self.blocks[: self.upto]), lambda blk: replayed):
+        def last(*args: Any, **kwargs: Any) -> Any:  # what the rest of the model reads
+            return pytree.tree_map_only(Tensor, torch.clone, replayed())
+
+        final = self.blocks[self.upto - 1]
+        with forwards_replaced(
+            list(self.blocks[: self.upto]), lambda blk: last if blk is final else replayed
+        ):
             yield
 
     @torch.no_grad()
@@ -132,13 +142,29 @@ class BlockReplay:
             self._off()
             return
         self._outputs, self.upto = new, upto
-        # The check: replaying must leave the model's whole output on the first batch
-        # bit-identical (catches blocks run twice or out of order, and in-place updates).
-        full = self._forward(self.model, self.batches[0])
+        if not self._checked and not self._check():
+            self._off()
+
+    def _check(self) -> bool:
+        """On the first batch: every block runs at most once and in order, and replaying
+        leaves the model's whole output bit-identical. Run once: blocks that are called
+        in order and whose kept outputs cannot be changed replay correctly at any depth."""
+        order: list[int] = []
+        handles = [
+            blk.register_forward_pre_hook(lambda m, a, k=k: order.append(k))
+            for k, blk in enumerate(self.blocks)
+        ]
+        try:
+            full = self._forward(self.model, self.batches[0])
+        finally:
+            for h in handles:
+                h.remove()
+        if order != sorted(set(order)):
+            return False
         with self.active():
             again = self.forward(self.model, self.batches[0])
-        if not _identical(full, again):
-            self._off()
+        self._checked = _identical(full, again)
+        return self._checked
 
     def _off(self) -> None:
         self._outputs.close()
