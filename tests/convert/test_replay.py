@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tensorfold.convert import core as core_mod
-from tensorfold.convert import tensorize
+from tensorfold.convert import plan, tensorize
+from tensorfold.convert import planner as planner_mod
 from tensorfold.convert.replay import BlockReplay, block_index, find_stack
 
 from .test_convert import calib, tiny
@@ -122,3 +123,96 @@ def test_replay_switches_itself_off_when_outputs_differ() -> None:
     assert not rep.enabled and rep.upto == 0
     with torch.no_grad(), rep.active():
         assert torch.equal(rep.forward(m, batches[0]), m(batches[0]))  # plain forwards again
+
+
+class LaterBlockTwice(nn.Module):
+    """Block 1 runs twice per forward: replaying block 0 alone would still be exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.blocks
+        return b[2](b[1](b[1](b[0](x))))
+
+
+def test_replay_is_checked_once_and_catches_blocks_called_twice_at_any_depth() -> None:
+    torch.manual_seed(0)
+    batches = calib(3)
+    m = LaterBlockTwice()
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b))
+    rep.advance(1)
+    assert not rep.enabled and rep.upto == 0  # the call order gave it away at depth 1
+
+    m = tiny()
+    m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(4)])
+    runs: list[int] = []
+
+    def forward(mod: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        runs.append(1)
+        return mod(b)
+
+    rep = BlockReplay(m, m.blocks, batches, forward)
+    for upto in (1, 2, 3):
+        rep.advance(upto)
+    assert rep.enabled and rep.upto == 3
+    # 3 recording passes of 3 batches, plus one check (a full and a replayed forward).
+    assert len(runs) == 3 * 3 + 2
+    with torch.no_grad(), rep.active():
+        assert all(torch.equal(rep.forward(m, b), m(b)) for b in batches)
+
+
+class UpdatesInPlace(nn.Module):
+    """Code after block 0 updates its output in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks[0](x)
+        y = self.blocks[1](h)
+        return y + h.mul_(2)
+
+
+def test_replayed_outputs_are_copies_so_in_place_updates_do_not_change_them() -> None:
+    torch.manual_seed(0)
+    m = UpdatesInPlace()
+    batches = calib(2)
+    rep = BlockReplay(m, m.blocks, batches, lambda mod, b: mod(b))
+    with torch.no_grad():
+        rep.advance(1)
+        assert rep.enabled and rep.upto == 1
+        with rep.active():
+            first = [rep.forward(m, b) for b in batches]
+            second = [rep.forward(m, b) for b in batches]
+        expected = [m(b) for b in batches]
+    for a, b, e in zip(first, second, expected, strict=True):
+        assert torch.equal(a, e) and torch.equal(b, e)
+
+
+def test_sensitivity_replays_the_blocks_before_each_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = tiny()
+    m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(4)])
+    for blk in m.blocks:
+        for p in blk.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    made: list[BlockReplay] = []
+
+    class Spy(BlockReplay):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(planner_mod, "BlockReplay", Spy)
+    calls = count_block_calls(m)
+    replayed = plan(m, budget=0.4, calibration=calib(3), factorization="tt")
+    assert made and made[0].upto == 3  # the last block's layers ran after three replayed ones
+    with_replay = calls[:]
+    monkeypatch.setattr(planner_mod, "find_stack", lambda *a: None)
+    calls[:] = [0] * 4
+    plain = plan(m, budget=0.4, calibration=calib(3), factorization="tt")
+    assert with_replay[0] < calls[0]  # block 0 ran less often
+    assert [lp.sensitivity for lp in replayed.layers] == [lp.sensitivity for lp in plain.layers]
+    assert [lp.rank for lp in replayed.layers] == [lp.rank for lp in plain.layers]

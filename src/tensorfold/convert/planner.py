@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from ..formats import get_format
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
 from ._util import (
+    ForwardFn,
     as_batches,
     is_linear,
     linear_view,
@@ -36,6 +37,7 @@ from .options import (
     PlanOptions,
     resolve,
 )
+from .replay import BlockReplay, block_index, find_stack
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan"]
 
@@ -226,7 +228,8 @@ def _sensitivity(
     share: float,
     batches: Sequence[Any],
     refs: Sequence[Tensor],
-    call: ModelCall,
+    forward: ForwardFn,
+    output_fn: Callable[[Any], Tensor],
 ) -> float:
     """End-to-end output distortion when only layer ``name`` is replaced by its optimal
     whitened matrix at the uniform share, divided by that layer's own relative squared
@@ -240,7 +243,7 @@ def _sensitivity(
     try:
         num = den = 0.0
         for b, r in zip(batches, refs, strict=False):
-            y = call.output_fn(call.forward(model, b)).float()
+            y = output_fn(forward(model, b)).float()
             num += float((y - r).square().sum())
             den += float(r.square().sum())
     finally:
@@ -439,13 +442,29 @@ def plan(
             refs = [output_fn(forward(model, b)).float() for b in probe]
         desc = "sensitivity" if probe else "spectra"
         bar = tqdm(total=len(names), desc=desc, disable=not progress, leave=False)
-        with contextlib.closing(problems()) as each:
-            for n, problem in each:
-                spectra[n] = problem.spectrum()
-                if probe:
-                    sens[n] = _sensitivity(model, n, problem, budget, probe, refs, how)
-                del problem
-                bar.update()
+        # Layers come in block order: the blocks before a layer's own are unchanged by its
+        # replacement, so their outputs on the probe batches are replayed.
+        stack = find_stack(model, names) if probe else None
+        replay = None if stack is None else BlockReplay(model, stack[1], probe, forward)
+        run = forward if replay is None else replay.forward
+        try:
+            with contextlib.closing(problems()) as each:
+                for n, problem in each:
+                    spectra[n] = problem.spectrum()
+                    if probe:
+                        block = None if stack is None else block_index(stack[0], n)
+                        with contextlib.ExitStack() as replaying:
+                            if replay is not None and block is not None and block >= replay.upto:
+                                replay.advance(block)
+                                replaying.enter_context(replay.active())
+                            sens[n] = _sensitivity(
+                                model, n, problem, budget, probe, refs, run, output_fn
+                            )
+                    del problem
+                    bar.update()
+        finally:
+            if replay is not None:
+                replay.close()
         bar.close()
         shares = _allocate(linears, spectra, sens, budget)
     layers = [_layer_plan(n, linears[n], base_fmt, shares[n], n_tensorized_modes) for n in names]
