@@ -464,12 +464,12 @@ def test_time_limit_leaves_room_for_the_evaluations_after_distillation(
 
     slow = 0.3  # seconds each evaluation takes at least
 
-    def evaluate(self: object, student: nn.Module, teacher: nn.Module, batches: list) -> object:
+    def compare(self: object, student: nn.Module, batches: list, reference: list) -> object:
         time.sleep(slow)
-        return original(self, student, teacher, batches)
+        return original(self, student, batches, reference)
 
-    original = tasks.CausalLMTask.evaluate
-    monkeypatch.setattr(tasks.CausalLMTask, "evaluate", evaluate)
+    original = tasks.CausalLMTask.compare
+    monkeypatch.setattr(tasks.CausalLMTask, "compare", compare)
     seen: list[float] = []
 
     def distill(*args: object) -> tuple[int, bool]:
@@ -483,3 +483,51 @@ def test_time_limit_leaves_room_for_the_evaluations_after_distillation(
     # One evaluation set (the user's data): each later evaluation is reserved once.
     assert len(seen) == 1 and seen[0] <= start + 600 - later * slow
     assert seen[0] >= start + 600 - later * slow - 60
+
+
+def test_language_model_meter_matches_a_direct_computation() -> None:
+    import math
+
+    from tensorfold.pretrained.metrics import LanguageModelMeter
+
+    gen = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(2, 2, 6, 11, generator=gen).unbind(0)
+    ids = torch.randint(0, 11, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    meter = LanguageModelMeter()
+    meter.add(logits, LanguageModelMeter.reference(ref, ids, mask), ids, mask)
+    fit = meter.result()
+    nll = nll_ref = agree = n = 0.0
+    for b in range(2):
+        for t in range(5):
+            if not mask[b, t + 1]:
+                continue
+            y = int(ids[b, t + 1])
+            nll -= float(torch.log_softmax(logits[b, t].double(), -1)[y])
+            nll_ref -= float(torch.log_softmax(ref[b, t].double(), -1)[y])
+            agree += int(logits[b, t].argmax() == ref[b, t].argmax())
+            n += 1
+    assert fit.tokens == n == 8
+    assert math.isclose(fit.perplexity, math.exp(nll / n), rel_tol=1e-5)
+    assert math.isclose(fit.perplexity_original, math.exp(nll_ref / n), rel_tol=1e-5)
+    assert fit.top1_agreement == agree / n
+
+
+def test_the_teacher_runs_once_per_evaluation_set_for_all_stages(
+    tiny_model: Callable[[str], Path], text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorfold.pretrained import tasks
+
+    runs: list[int] = []
+    original = tasks.CausalLMTask.reference
+
+    def reference(self: object, teacher: nn.Module, batches: list) -> list:
+        runs.append(len(batches))
+        return original(self, teacher, batches)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tasks.CausalLMTask, "reference", reference)
+    config = _config(tiny_model("gpt2"), None, text_file, distill_steps=2, factor_dtype="int8")
+    result = compress(config, print_fn=lambda s: None)
+    assert result.distill_steps_done == 2
+    assert len(runs) == 1  # one evaluation set (the user's data), three stages

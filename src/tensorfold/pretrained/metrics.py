@@ -79,14 +79,23 @@ class LanguageModelMeter:
         self.nll_ref = self.nll = 0.0
         self.agree = self.tokens = 0
 
-    def add(self, logits: Tensor, ref_logits: Tensor, input_ids: Tensor, mask: Tensor) -> None:
-        labels = input_ids[:, 1:]
+    @staticmethod
+    def reference(ref_logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[float, Tensor]:
+        """What :meth:`add` needs of the reference model's logits on one batch: its summed
+        next-token cross-entropy and its top-1 tokens (kept instead of the logits)."""
         keep = mask[:, 1:].bool()
-        s, t = logits[:, :-1].float()[keep], ref_logits[:, :-1].float()[keep]
-        y = labels[keep]
+        t = ref_logits[:, :-1].float()[keep]
+        return float(F.cross_entropy(t, input_ids[:, 1:][keep], reduction="sum")), t.argmax(-1)
+
+    def add(
+        self, logits: Tensor, reference: tuple[float, Tensor], input_ids: Tensor, mask: Tensor
+    ) -> None:
+        keep = mask[:, 1:].bool()
+        s, y = logits[:, :-1].float()[keep], input_ids[:, 1:][keep]
+        nll_ref, top1 = reference
         self.nll += float(F.cross_entropy(s, y, reduction="sum"))
-        self.nll_ref += float(F.cross_entropy(t, y, reduction="sum"))
-        self.agree += int((s.argmax(-1) == t.argmax(-1)).sum())
+        self.nll_ref += nll_ref
+        self.agree += int((s.argmax(-1) == top1.to(s.device)).sum())
         self.tokens += int(y.numel())
 
     def result(self) -> LanguageModelFit:

@@ -330,8 +330,10 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         progress=config.progress,
     )
     seconds["fit"] = time.perf_counter() - t
+    # The teacher's side of every evaluation is computed once, for all stages.
+    refs = {name: task.reference(teacher, b) for name, b in evals.items()}
     t = time.perf_counter()
-    before = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+    before = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
     if deadline is not None:
         # The evaluations still to come (after distillation, after quantizing) count
         # against the limit too: distillation ends early enough to leave time for them.
@@ -346,7 +348,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     if config.distill_steps and parts.distillation and not out_of_time:
         steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
     seconds["distill"] = time.perf_counter() - t
-    after = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+    after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
     if steps_done:
         for name, q in after.items():
             print_fn(f"after {steps_done} distillation steps, {name}: {q}")
@@ -356,7 +358,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     if config.factor_dtype is not None:
         before_quantize = after
         n = quantize_factors(student, config.factor_dtype)
-        after = {name: task.evaluate(student, teacher, b) for name, b in evals.items()}
+        after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
         for name, q in after.items():
             print_fn(f"{config.factor_dtype} factors ({n} layers), {name}: {q}")
     memory = memory_report(student)

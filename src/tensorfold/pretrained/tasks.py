@@ -70,8 +70,18 @@ class ModelTask:
     def loss(self, student_out: Any, teacher_out: Any, batch: Batch) -> Tensor:
         raise NotImplementedError
 
-    def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Any:
+    # ---- evaluation: the teacher's side once, the student's at every stage -------------
+    def reference(self, teacher: nn.Module, batches: list[Batch]) -> list[Any]:
+        """Per batch, what :meth:`compare` measures the student against (small: no logits)."""
         raise NotImplementedError
+
+    def compare(self, student: nn.Module, batches: list[Batch], reference: list[Any]) -> Any:
+        """The student's fidelity on ``batches`` to the teacher's ``reference`` of them."""
+        raise NotImplementedError
+
+    def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Any:
+        """:meth:`compare` against the teacher run now."""
+        return self.compare(student, batches, self.reference(teacher, batches))
 
 
 class _TextEncoder(ModelTask):
@@ -99,12 +109,16 @@ class _TextEncoder(ModelTask):
         return tok + (1 - F.cosine_similarity(s_emb.float(), t_emb.float(), dim=-1)).mean()
 
     @torch.no_grad()
-    def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Fidelity:
-        embs, refs = [], []
-        for b in batches:
-            embs.append(self.embed_and_tokens(self.forward(student, b), b)[0].float().cpu())
-            refs.append(self.embed_and_tokens(self.forward(teacher, b), b)[0].float().cpu())
-        return fidelity(torch.cat(embs), torch.cat(refs))
+    def reference(self, teacher: nn.Module, batches: list[Batch]) -> list[Any]:
+        return [self._embedding(teacher, b) for b in batches]
+
+    @torch.no_grad()
+    def compare(self, student: nn.Module, batches: list[Batch], reference: list[Any]) -> Fidelity:
+        embs = [self._embedding(student, b) for b in batches]
+        return fidelity(torch.cat(embs), torch.cat(reference))
+
+    def _embedding(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self.embed_and_tokens(self.forward(model, batch), batch)[0].float().cpu()
 
 
 class EncoderTask(_TextEncoder):
@@ -161,15 +175,19 @@ class CausalLMTask(ModelTask):
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
     @torch.no_grad()
-    def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Any:
-        meter = LanguageModelMeter()
-        for b in batches:
-            meter.add(
-                self.forward(student, b).logits,
-                self.forward(teacher, b).logits,
-                b["input_ids"],
-                b["attention_mask"],
+    def reference(self, teacher: nn.Module, batches: list[Batch]) -> list[Any]:
+        return [
+            LanguageModelMeter.reference(
+                self.forward(teacher, b).logits, b["input_ids"], b["attention_mask"]
             )
+            for b in batches
+        ]
+
+    @torch.no_grad()
+    def compare(self, student: nn.Module, batches: list[Batch], reference: list[Any]) -> Any:
+        meter = LanguageModelMeter()
+        for b, ref in zip(batches, reference, strict=True):
+            meter.add(self.forward(student, b).logits, ref, b["input_ids"], b["attention_mask"])
         return meter.result()
 
 
@@ -224,10 +242,13 @@ class VisionTask(ModelTask):
         return extra + (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
     @torch.no_grad()
-    def evaluate(self, student: nn.Module, teacher: nn.Module, batches: list[Batch]) -> Any:
+    def reference(self, teacher: nn.Module, batches: list[Batch]) -> list[Any]:
+        return [self.pooled(self.forward(teacher, b)).float().cpu() for b in batches]
+
+    @torch.no_grad()
+    def compare(self, student: nn.Module, batches: list[Batch], reference: list[Any]) -> Any:
         outs = [self.pooled(self.forward(student, b)).float().cpu() for b in batches]
-        refs = [self.pooled(self.forward(teacher, b)).float().cpu() for b in batches]
-        return fidelity(torch.cat(outs), torch.cat(refs))
+        return fidelity(torch.cat(outs), torch.cat(reference))
 
 
 TASK_CLASSES: dict[str, type[ModelTask]] = {
