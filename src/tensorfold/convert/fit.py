@@ -51,6 +51,10 @@ class WhitenedProblem:
         right = torch.linalg.solve_triangular(self.chol.T, vh[:k].T, upper=True).T
         return (u[:, :k] * s[:k]) @ right
 
+    def unconstrained(self) -> Tensor:
+        """The unconstrained optimum ``T L^{-1}`` (a triangular solve, not an inverse)."""
+        return torch.linalg.solve_triangular(self.chol, self.target, upper=False, left=False)
+
     def error(self, w_hat: Tensor) -> float:
         """Relative calibrated output error ``||W_hat L - T|| / ||T||``."""
         resid = w_hat.double() @ self.chol - self.target
@@ -151,9 +155,7 @@ def fit_weight(
     starts: list[tuple[float, list[Tensor]]] = []
     exact = False
     candidates = [problem.low_rank(_matrix_rank_at_same_count(weight))] if data_aware else []
-    candidates.append(
-        problem.weight if not data_aware else problem.target @ torch.linalg.inv(problem.chol)
-    )
+    candidates.append(problem.unconstrained() if data_aware else problem.weight)
     for i, dense in enumerate(candidates):
         options = {}
         if sweeps is not None and "n_iter_max" in weight.decomposition_options:
