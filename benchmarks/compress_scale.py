@@ -3,11 +3,14 @@
     python benchmarks/compress_scale.py                       # 6 x 384 (then 12 x 768 if
                                                               # the first took < 6 minutes)
     python benchmarks/compress_scale.py --sizes 6x384 12x768  # both, unconditionally
+    python benchmarks/compress_scale.py --sizes bert-base     # 12 x 768, BERT-base's 30,522
+                                                              # tokens: 110 M parameters
     python benchmarks/compress_scale.py --quick               # smoke run: a 2 x 128 encoder
     python benchmarks/compress_scale.py --checkpoint-blocks   # distil with recomputed blocks
 
 Each size is a ``BertModel`` built from its config with random weights (vocabulary of
-8,000; ``L x H`` = layers x hidden width, intermediate 4 H, H / 64 heads) and saved with
+8,000, ``bert-base``: 30,522; ``L x H`` = layers x hidden width, intermediate 4 H, H / 64
+heads) and saved with
 ``save_pretrained`` beside a byte-level BPE tokenizer of the same vocabulary trained on the
 bundled English corpus, in a temporary folder. Random weights make the quality figures
 meaningless; only time and memory are the point.
@@ -44,13 +47,18 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VOCAB = 8000
-SIZES = {"2x128": (2, 128), "6x384": (6, 384), "12x768": (12, 768)}
+# name -> (layers, hidden width, vocabulary)
+SIZES = {
+    "2x128": (2, 128, 8000),
+    "6x384": (6, 384, 8000),
+    "12x768": (12, 768, 8000),
+    "bert-base": (12, 768, 30522),
+}
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build(layers: int, hidden: int, folder: Path) -> dict[str, int]:
+def build(layers: int, hidden: int, vocab: int, folder: Path) -> dict[str, int]:
     """A random-weight ``BertModel`` and its tokenizer, saved in ``folder``."""
     import torch
     import transformers
@@ -60,7 +68,7 @@ def build(layers: int, hidden: int, folder: Path) -> dict[str, int]:
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
@@ -77,7 +85,7 @@ def build(layers: int, hidden: int, folder: Path) -> dict[str, int]:
     tok.train_from_iterator(
         english_sentences(),
         trainers.BpeTrainer(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             special_tokens=special,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
@@ -172,11 +180,11 @@ def in_child(args: list[str]) -> tuple[dict[str, Any], int, float]:
 
 
 def measure(name: str, distill_steps: int, checkpoint_blocks: bool) -> dict[str, Any]:
-    layers, hidden = SIZES[name]
+    layers, hidden, vocab = SIZES[name]
     with tempfile.TemporaryDirectory(prefix=f"tf-scale-{name}-") as tmp:
         folder = Path(tmp) / "model"
         t = time.perf_counter()
-        info = build(layers, hidden, folder)
+        info = build(layers, hidden, vocab, folder)
         build_s = time.perf_counter() - t
         floor, floor_kib, _ = in_child([str(folder), "--load-only"])
         load_before = os.getloadavg()[0]
@@ -190,7 +198,7 @@ def measure(name: str, distill_steps: int, checkpoint_blocks: bool) -> dict[str,
         "layers": layers,
         "hidden": hidden,
         "intermediate": 4 * hidden,
-        "vocab": VOCAB,
+        "vocab": vocab,
         **info,
         "build_seconds": build_s,
         "seconds": seconds,
