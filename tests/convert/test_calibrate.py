@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,3 +127,45 @@ def test_stats_by_block_equal_all_layers_at_once() -> None:
 
 def block_of(name: str) -> str:
     return name.split(".")[1] if name.startswith("blocks.") else "rest"
+
+
+def test_pack_stats_round_trip_keeps_sharing_and_cross() -> None:
+    from tensorfold.convert.calibrate import LayerStats, pack_stats, unpack_stats
+
+    a = LayerStats(torch.randn(3, 3), torch.randn(3, 3), 7)
+    b = LayerStats(torch.randn(2, 2), torch.empty(0), 5)
+    b.cross = b.cov  # no original model: one tensor
+    back = unpack_stats(pack_stats({"q": a, "k": a, "o": b}))
+    assert back["q"] is back["k"] and back["o"].cross is back["o"].cov
+    assert torch.equal(back["q"].cov, a.cov) and torch.equal(back["q"].cross, a.cross)
+    assert (back["q"].tokens, back["o"].tokens) == (7, 5)
+
+
+def test_auto_plan_records_planning_statistics_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorfold.convert import plan
+    from tensorfold.convert import planner as planner_mod
+    from tensorfold.convert.spill_cache import SpillCache
+
+    from .test_convert import Tiny, calib
+
+    passes: list[int] = []
+    real = planner_mod.stats_by_block
+
+    def counted(*args: object, **kw: object) -> object:
+        passes.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner_mod, "stats_by_block", counted)
+    torch.manual_seed(0)
+    m = Tiny(n=3)
+    kept = plan(m, budget=0.4, calibration=calib(3), factorization="auto")
+    assert len(passes) == 1
+    # No room on disk: the second pass records again, and the plan is the same.
+    monkeypatch.setattr(SpillCache, "put", lambda self, i, v: False)
+    passes.clear()
+    again = plan(m, budget=0.4, calibration=calib(3), factorization="auto")
+    assert len(passes) == 2
+    assert [(lp.name, lp.factorization, lp.rank) for lp in kept.layers] == [
+        (lp.name, lp.factorization, lp.rank) for lp in again.layers
+    ]
+    assert [lp.candidates for lp in kept.layers] == [lp.candidates for lp in again.layers]

@@ -33,6 +33,31 @@ class LayerStats:
     tokens: int
 
 
+def pack_stats(stats: dict[str, LayerStats]) -> dict[str, dict[str, Any]]:
+    """``stats`` as nested dicts of tensors and ints (for a :class:`SpillCache`), each shared
+    ``LayerStats`` once; :func:`unpack_stats` undoes it."""
+    owner: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, st in stats.items():
+        owner[name] = first.setdefault(id(st), name)
+    packed: dict[str, dict[str, Any]] = {"owner": owner, "cov": {}, "cross": {}, "tokens": {}}
+    for name in set(owner.values()):
+        st = stats[name]
+        packed["cov"][name] = st.cov
+        if st.cross is not st.cov:  # without an original model they are one tensor
+            packed["cross"][name] = st.cross
+        packed["tokens"][name] = st.tokens
+    return packed
+
+
+def unpack_stats(packed: dict[str, dict[str, Any]]) -> dict[str, LayerStats]:
+    shared = {
+        o: LayerStats(cov, packed["cross"].get(o, cov), packed["tokens"][o])
+        for o, cov in packed["cov"].items()
+    }
+    return {name: shared[o] for name, o in packed["owner"].items()}
+
+
 def _flat(x: Tensor) -> Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float()
 

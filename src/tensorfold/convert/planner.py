@@ -30,7 +30,7 @@ from ._util import (
     linear_view,
     match_modules,
 )
-from .calibrate import LayerStats, stats_by_block
+from .calibrate import LayerStats, pack_stats, stats_by_block, unpack_stats
 from .fit import WhitenedProblem, fit_weight, whitened_problem
 from .options import (
     ModelCall,
@@ -38,6 +38,7 @@ from .options import (
     resolve,
 )
 from .replay import BlockReplay, block_index, find_stack
+from .spill_cache import SpillCache
 
 __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan"]
 
@@ -253,6 +254,45 @@ def _sensitivity(
     return (num / max(den, 1e-300)) / max(rel, 1e-12)
 
 
+def _spectra_and_sensitivities(
+    model: nn.Module,
+    names: Sequence[str],
+    problems: Iterable[tuple[str, WhitenedProblem]],
+    share: float,
+    probe: Sequence[Any],
+    how: ModelCall,
+    bar: Any,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Each layer's whitened spectrum and, with probe batches, its sensitivity."""
+    spectra: dict[str, Tensor] = {}
+    sens = dict.fromkeys(names, 1.0)
+    with torch.no_grad():  # else autograd keeps every activation of these forwards
+        refs = [how.output_fn(how.forward(model, b)).float() for b in probe]
+    # Layers come in block order: the blocks before a layer's own are unchanged by its
+    # replacement, so their outputs on the probe batches are replayed.
+    stack = find_stack(model, names) if probe else None
+    replay = None if stack is None else BlockReplay(model, stack[1], probe, how.forward)
+    run = how.forward if replay is None else replay.forward
+    try:
+        for n, problem in problems:
+            spectra[n] = problem.spectrum()
+            if probe:
+                block = None if stack is None else block_index(stack[0], n)
+                with contextlib.ExitStack() as replaying:
+                    if replay is not None and block is not None and block >= replay.upto:
+                        replay.advance(block)
+                        replaying.enter_context(replay.active())
+                    sens[n] = _sensitivity(
+                        model, n, problem, share, probe, refs, run, how.output_fn
+                    )
+            del problem
+            bar.update()
+    finally:
+        if replay is not None:
+            replay.close()
+    return spectra, sens
+
+
 def _allocate(
     linears: dict[str, nn.Linear],
     spectra: dict[str, Tensor],
@@ -373,7 +413,7 @@ def plan(
     how = resolve("plan", ModelCall, call, fields, groups)
     budget, fmt, targets, exclude = opts.budget, opts.factorization, opts.targets, opts.exclude
     n_tensorized_modes = opts.n_tensorized_modes
-    forward, output_fn = how.forward, how.output_fn
+    forward = how.forward
     names = match_modules(model, targets, exclude)
     if not names:
         raise ConversionError(
@@ -418,6 +458,11 @@ def plan(
             )
         return ConversionPlan(layers, None, fmt, batches is not None)
 
+    # 'auto' goes over every layer's problem twice (allocation, then formats): the first
+    # pass keeps each block's statistics on disk, so the second does not record them again.
+    kept = SpillCache(0, disk=True) if fmt == "auto" and opts.allocation != "uniform" else None
+    n_chunks: list[int] = []  # chunks the first pass recorded; all kept or none used
+
     def problems() -> Generator[tuple[str, WhitenedProblem]]:
         # Each layer's problem is built when needed and dropped after (all at once they
         # would hold several times the model in float64). Statistics not given are
@@ -426,73 +471,76 @@ def plan(
             for n in names:
                 yield n, whitened_problem(linears[n].weight, _stats.get(n) if _stats else None)
             return
+        nonlocal kept
+        if kept is not None and n_chunks and len(kept) == n_chunks[0]:
+            for i in range(n_chunks[0]):
+                entry = kept.get(i)
+                assert entry is not None  # every chunk was kept
+                stats = unpack_stats(entry["stats"])
+                for n in entry["chunk"]:
+                    yield n, whitened_problem(linears[n].weight, stats.get(n))
+            return
+        count = 0
         with contextlib.closing(stats_by_block(model, names, batches, forward)) as chunks:
             for chunk, stats in chunks:
+                entry = {"chunk": list(chunk), "stats": pack_stats(stats)}
+                if kept is not None and not n_chunks and not kept.put(count, entry):
+                    kept.close()  # no room on disk: the second pass records again
+                    kept = None
+                count += 1
                 for n in chunk:
                     yield n, whitened_problem(linears[n].weight, stats.get(n))
+        n_chunks.append(count)
 
-    if opts.allocation == "uniform":
-        shares = dict.fromkeys(names, budget)
-        sens = dict.fromkeys(names, float("nan"))
-    else:
-        spectra: dict[str, Tensor] = {}
-        sens = dict.fromkeys(names, 1.0)
-        probe = [] if batches is None else batches[: max(1, min(len(batches), 2))]
-        with torch.no_grad():  # else autograd keeps every activation of these forwards
-            refs = [output_fn(forward(model, b)).float() for b in probe]
-        desc = "sensitivity" if probe else "spectra"
-        bar = tqdm(total=len(names), desc=desc, disable=not progress, leave=False)
-        # Layers come in block order: the blocks before a layer's own are unchanged by its
-        # replacement, so their outputs on the probe batches are replayed.
-        stack = find_stack(model, names) if probe else None
-        replay = None if stack is None else BlockReplay(model, stack[1], probe, forward)
-        run = forward if replay is None else replay.forward
-        try:
+    try:
+        if opts.allocation == "uniform":
+            shares = dict.fromkeys(names, budget)
+            sens = dict.fromkeys(names, float("nan"))
+        else:
+            probe = [] if batches is None else batches[: max(1, min(len(batches), 2))]
+            bar = tqdm(
+                total=len(names),
+                desc="sensitivity" if probe else "spectra",
+                disable=not progress,
+                leave=False,
+            )
             with contextlib.closing(problems()) as each:
-                for n, problem in each:
-                    spectra[n] = problem.spectrum()
-                    if probe:
-                        block = None if stack is None else block_index(stack[0], n)
-                        with contextlib.ExitStack() as replaying:
-                            if replay is not None and block is not None and block >= replay.upto:
-                                replay.advance(block)
-                                replaying.enter_context(replay.active())
-                            sens[n] = _sensitivity(
-                                model, n, problem, budget, probe, refs, run, output_fn
-                            )
-                    del problem
-                    bar.update()
-        finally:
-            if replay is not None:
-                replay.close()
-        bar.close()
-        shares = _allocate(linears, spectra, sens, budget)
-    layers = [_layer_plan(n, linears[n], base_fmt, shares[n], n_tensorized_modes) for n in names]
-    layers = _fit_budget(layers, shares, linears, budget, n_tensorized_modes)
-    for lp in layers:
-        lp.sensitivity = sens[lp.name]
-    if fmt == "auto":
-        bar = tqdm(
-            total=len(names) * len(formats),
-            desc="choosing formats",
-            disable=not progress,
-            leave=False,
-        )
-        chosen: dict[str, LayerPlan] = {}
-        by_name = {lp.name: lp for lp in layers}
-        with contextlib.closing(problems()) as each:
-            for name, problem in each:
-                chosen[name] = _best_format(
-                    by_name[name],
-                    problem,
-                    linears[name],
-                    formats,
-                    n_tensorized_modes,
-                    batches is not None,
-                    bar,
+                spectra, sens = _spectra_and_sensitivities(
+                    model, names, each, budget, probe, how, bar
                 )
-        bar.close()
-        layers = [chosen[lp.name] for lp in layers]
+            bar.close()
+            shares = _allocate(linears, spectra, sens, budget)
+        modes = n_tensorized_modes
+        layers = [_layer_plan(n, linears[n], base_fmt, shares[n], modes) for n in names]
+        layers = _fit_budget(layers, shares, linears, budget, modes)
+        for lp in layers:
+            lp.sensitivity = sens[lp.name]
+        if fmt == "auto":
+            bar = tqdm(
+                total=len(names) * len(formats),
+                desc="choosing formats",
+                disable=not progress,
+                leave=False,
+            )
+            by_name = {lp.name: lp for lp in layers}
+            with contextlib.closing(problems()) as each:
+                chosen = {
+                    name: _best_format(
+                        by_name[name],
+                        problem,
+                        linears[name],
+                        formats,
+                        n_tensorized_modes,
+                        batches is not None,
+                        bar,
+                    )
+                    for name, problem in each
+                }
+            bar.close()
+            layers = [chosen[lp.name] for lp in layers]
+    finally:
+        if kept is not None:
+            kept.close()  # the kept statistics' directory
     result = ConversionPlan(layers, budget, fmt, batches is not None)
     total = result.params_after
     if abs(total - budget * result.params_before) > 0.02 * budget * result.params_before:
