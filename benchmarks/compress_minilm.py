@@ -84,6 +84,11 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
         "distill_steps": r.distill_steps_done,
         "layerwise": vars(r.before_distill["held-out"]),
         "final": vars(r.after["held-out"]),
+        **{
+            key: vars(stage["other source"])
+            for key, stage in (("layerwise_other", r.before_distill), ("final_other", r.after))
+            if "other source" in stage
+        },
         "formats_chosen": sorted({lp.factorization for lp in r.report.layers}),
     }
 
@@ -146,11 +151,16 @@ def main() -> None:
 def markdown(results: list[dict]) -> str:
     lines = [
         "| budget | format | kept | layer-wise mean cos | final mean cos | final min cos "
-        "| 10-NN | distill steps | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| 10-NN | other source: layer-wise / final mean cos | distill steps | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lw, fin = r["layerwise"], r["final"]
+        other = (
+            f"{r['layerwise_other']['mean_cosine']:.4f} / {r['final_other']['mean_cosine']:.4f}"
+            if "final_other" in r
+            else "-"
+        )
         cells = [
             r["budget"],
             r["format"],
@@ -159,6 +169,7 @@ def markdown(results: list[dict]) -> str:
             f"{fin['mean_cosine']:.4f}",
             f"{fin['min_cosine']:.4f}",
             f"{fin['knn_agreement']:.3f}",
+            other,
             r.get("distill_steps", 0),
             f"{r['seconds']:.0f}",
         ]
