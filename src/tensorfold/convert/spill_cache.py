@@ -1,7 +1,8 @@
 """Model outputs kept by batch index between passes over the same batches.
 
 Distillation keeps the teacher's outputs so later passes skip its forward; sequential
-calibration keeps the outputs of finished blocks (``replay.py``). Outputs are held in memory
+calibration keeps the outputs of finished blocks (``replay.py``); planning keeps each block's
+input statistics between its two passes. Outputs are held in memory
 up to a byte budget; past it they can go to a temporary directory on disk (one safetensors
 file per batch, read back when the batch comes round again), so memory stays bounded however
 much data is used. The directory is removed by :meth:`SpillCache.close`, which the users
