@@ -461,7 +461,7 @@ def plan(
     # 'auto' goes over every layer's problem twice (allocation, then formats): the first
     # pass keeps each block's statistics on disk, so the second does not record them again.
     kept = SpillCache(0, disk=True) if fmt == "auto" and opts.allocation != "uniform" else None
-    n_chunks: list[int] = []  # chunks the first pass recorded; all kept or none used
+    recorded = False  # a first pass ran to the end, keeping every chunk in ``kept`` or none
 
     def problems() -> Generator[tuple[str, WhitenedProblem]]:
         # Each layer's problem is built when needed and dropped after (all at once they
@@ -471,26 +471,25 @@ def plan(
             for n in names:
                 yield n, whitened_problem(linears[n].weight, _stats.get(n) if _stats else None)
             return
-        nonlocal kept
-        if kept is not None and n_chunks and len(kept) == n_chunks[0]:
-            for i in range(n_chunks[0]):
+        nonlocal kept, recorded
+        if kept is not None and recorded:
+            for i in range(len(kept)):
                 entry = kept.get(i)
                 assert entry is not None  # every chunk was kept
                 stats = unpack_stats(entry["stats"])
                 for n in entry["chunk"]:
                     yield n, whitened_problem(linears[n].weight, stats.get(n))
             return
-        count = 0
         with contextlib.closing(stats_by_block(model, names, batches, forward)) as chunks:
-            for chunk, stats in chunks:
-                entry = {"chunk": list(chunk), "stats": pack_stats(stats)}
-                if kept is not None and not n_chunks and not kept.put(count, entry):
-                    kept.close()  # no room on disk: the second pass records again
-                    kept = None
-                count += 1
+            for i, (chunk, stats) in enumerate(chunks):
+                if kept is not None and not recorded:
+                    entry = {"chunk": list(chunk), "stats": pack_stats(stats)}
+                    if not kept.put(i, entry):
+                        kept.close()  # no room on disk: the second pass records again
+                        kept = None
                 for n in chunk:
                     yield n, whitened_problem(linears[n].weight, stats.get(n))
-        n_chunks.append(count)
+        recorded = True
 
     try:
         if opts.allocation == "uniform":
