@@ -19,6 +19,29 @@ from .test_convert import calib, tiny
 from .test_spill_cache import _private_tempdir
 
 
+def distinct_blocks(n: int) -> nn.Module:
+    """The tiny model with ``n`` blocks, each with weights of its own."""
+    m = tiny()
+    m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(n)])
+    for blk in m.blocks:
+        for p in blk.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def spy_on_replays(monkeypatch: pytest.MonkeyPatch, module: object) -> list[BlockReplay]:
+    """Every ``BlockReplay`` that ``module`` makes from now on, in order."""
+    made: list[BlockReplay] = []
+
+    class Spy(BlockReplay):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(module, "BlockReplay", Spy)
+    return made
+
+
 def count_block_calls(model: nn.Module) -> list[int]:
     """Evaluations of each block's body (hooks on the block itself still fire when replayed)."""
     calls = [0] * len(model.blocks)
@@ -38,20 +61,9 @@ def test_find_stack_and_block_index() -> None:
 
 @pytest.mark.parametrize("n_blocks", [2, 4])
 def test_replay_gives_bit_identical_fits(monkeypatch: pytest.MonkeyPatch, n_blocks: int) -> None:
-    teacher = tiny()
-    teacher.blocks = nn.ModuleList([copy.deepcopy(teacher.blocks[0]) for _ in range(n_blocks)])
-    for blk in teacher.blocks:  # distinct blocks
-        for p in blk.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
+    teacher = distinct_blocks(n_blocks)
     with_replay, without = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    made: list[BlockReplay] = []
-
-    class Spy(BlockReplay):
-        def __init__(self, *args: object) -> None:
-            super().__init__(*args)
-            made.append(self)
-
-    monkeypatch.setattr(core_mod, "BlockReplay", Spy)
+    made = spy_on_replays(monkeypatch, core_mod)
     tensorize(with_replay, budget=0.4, calibration=calib(3), progress=False)
     assert made and all(r.enabled and r.upto == n_blocks - 1 for r in made)  # replay was used
     monkeypatch.setattr(core_mod, "find_stack", lambda *a: None)
@@ -193,19 +205,8 @@ def test_replayed_outputs_are_copies_so_in_place_updates_do_not_change_them() ->
 
 
 def test_sensitivity_replays_the_blocks_before_each_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = tiny()
-    m.blocks = nn.ModuleList([copy.deepcopy(m.blocks[0]) for _ in range(4)])
-    for blk in m.blocks:
-        for p in blk.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
-    made: list[BlockReplay] = []
-
-    class Spy(BlockReplay):
-        def __init__(self, *args: object) -> None:
-            super().__init__(*args)
-            made.append(self)
-
-    monkeypatch.setattr(planner_mod, "BlockReplay", Spy)
+    m = distinct_blocks(4)
+    made = spy_on_replays(monkeypatch, planner_mod)
     calls = count_block_calls(m)
     replayed = plan(m, budget=0.4, calibration=calib(3), factorization="tt")
     assert made and made[0].upto == 3  # the last block's layers ran after three replayed ones
