@@ -113,26 +113,27 @@ def main() -> None:
 
     # The middle of the length-sorted held-out set: typical sentences, not the extremes.
     order = sorted(held_out, key=len)
-    calls: dict[str, Callable[[Any, int, int], Any]] = {
-        "encode": lambda m, bs, i: m.encode(
-            order[start + i * bs : start + (i + 1) * bs], batch_size=bs, convert_to_tensor=True
-        ),
-        "forward": lambda m, bs, i: m(dict(tokenized[i])),
-    }
     rows_out = []
     for bs in args.batch_sizes:
         start = max(0, len(order) // 2 - bs * args.batches // 2)
-        tokenized = demo.batches_for(dense, order[start : start + bs * args.batches], bs)
+        texts = [order[start + i * bs : start + (i + 1) * bs] for i in range(args.batches)]
+        tokenized = [dict(demo.batches_for(dense, t, bs)[0]) for t in texts]
+        calls: dict[str, Callable[[Any, int], Any]] = {
+            "encode": lambda m, i, bs=bs, texts=texts: m.encode(
+                texts[i], batch_size=bs, convert_to_tensor=True
+            ),
+            "forward": lambda m, i, tokenized=tokenized: m(dict(tokenized[i])),
+        }
         tokens = sum(int(b["attention_mask"].sum()) for b in tokenized) / len(tokenized)
         padded = sum(b["input_ids"].numel() for b in tokenized) / len(tokenized)
         keys = [(name, call) for name in models for call in calls]
         times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
 
-        def run(key: tuple[str, str], bs: int = bs) -> float:
+        def run(key: tuple[str, str], calls: dict[str, Callable[[Any, int], Any]] = calls) -> float:
             name, call = key
             t0 = time.perf_counter()
             for i in range(args.batches):
-                calls[call](models[name], bs, i)
+                calls[call](models[name], i)
             return (time.perf_counter() - t0) / args.batches
 
         with torch.no_grad():
