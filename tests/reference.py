@@ -60,8 +60,28 @@ def ttm_dense(layer_cores: list[Tensor], cores: list[Tensor]) -> Tensor:
     return full.permute(perm)
 
 
-def dense_tensor(fmt: str, factors: list[Tensor], n_layer_modes: int) -> Tensor:
-    """The full tensor of ``factors`` in format ``fmt`` (layer modes first)."""
+def lowrank_dense(u: Tensor, coef: Tensor, order: Tensor, in_modes: tuple[int, ...]) -> Tensor:
+    """``U [I C] P`` per layer: column ``j`` of ``[I C]`` is input feature ``perm[j]``."""
+    k = u.shape[-1]
+    layer_shape, out_modes = tuple(order.shape[:-1]), tuple(u.shape[len(order.shape) - 1 : -1])
+    n = math.prod(layer_shape)
+    u = u.reshape(n, math.prod(out_modes), k)
+    coef, order = coef.reshape(n, k, coef.shape[-1]), order.reshape(n, order.shape[-1])
+    out = []
+    for ui, ci, oi in zip(u, coef, order, strict=True):
+        perm = torch.argsort(oi)
+        v = torch.zeros(k, oi.numel(), dtype=ci.dtype)
+        for j in range(oi.numel()):
+            v[:, perm[j]] = torch.eye(k, dtype=ci.dtype)[:, j] if j < k else ci[:, j - k]
+        out.append(ui @ v)
+    return torch.stack(out).reshape(*layer_shape, *out_modes, *in_modes)
+
+
+def dense_tensor(fmt: str, factors: list[Tensor], n_layer_modes: int, tensor=None) -> Tensor:
+    """The full tensor of ``factors`` in format ``fmt`` (layer modes first); ``tensor``: the
+    format module, for what lowrank keeps beside its factors (the permutation)."""
+    if fmt == "lowrank":
+        return lowrank_dense(factors[0], factors[1], tensor.order, tensor.in_modes)
     if fmt == "cp":
         return cp_dense(factors[0], list(factors[1:]))
     if fmt == "tucker":
@@ -76,7 +96,7 @@ def dense_tensor(fmt: str, factors: list[Tensor], n_layer_modes: int) -> Tensor:
 def dense_weight(layer, indices: tuple[int, ...] = ()) -> Tensor:
     """The ``(out, in)`` weight of one layer of a FactorizedLinear, by the reference."""
     factors = [f.detach() for f in layer.weight.factors]
-    full = dense_tensor(layer.factorization, factors, len(layer.layer_shape))
+    full = dense_tensor(layer.factorization, factors, len(layer.layer_shape), layer.weight)
     if indices:
         full = full[indices]
     # The TT-matrix pads the shorter side with 1-modes: a reshape removes them.

@@ -20,7 +20,7 @@ from tensorfold.formats import names
 # (in modes, out modes): TT-matrix pads the shorter side in the second shape.
 SHAPES = [((3, 4), (2, 5)), ((2, 3, 2), (4, 3))]
 N_LAYERS = [1, 3, (2, 2)]
-RANKS = {"cp": 4, "tucker": 2, "tt": 3, "ttm": 3}
+RANKS = {"cp": 4, "tucker": 2, "tt": 3, "ttm": 3, "lowrank": 3}
 
 
 def _layer_shape(n_layers) -> tuple[int, ...]:
@@ -82,7 +82,7 @@ def test_gradients_flow_into_the_adopted_factors(fmt, n_layers):
     layer(x, idx[0] if idx else 0).square().sum().backward()
     # Reference: the same loss through the independent dense reconstruction.
     leaves = [f.detach().clone().requires_grad_() for f in tensor.factors]
-    full = dense_tensor(fmt, leaves, len(layer_shape))
+    full = dense_tensor(fmt, leaves, len(layer_shape), tensor)
     weight = (full[idx] if idx else full).reshape(layer.out_features, layer.in_features)
     (x @ weight.T).square().sum().backward()
     for factor, leaf in zip(tensor.factors, leaves, strict=True):
@@ -175,6 +175,6 @@ def test_another_librarys_module_is_refused():
     with pytest.raises(
         FactorizationError,
         match=r"factorization=Linear object is neither a format name \('cp', 'tucker', 'tt', "
-        r"'ttm'\) nor a tensorfold FactorizedTensor",
+        r"'ttm', 'lowrank'\) nor a tensorfold FactorizedTensor",
     ):
         FactorizedLinear((3, 4), (2, 5), factorization=nn.Linear(2, 2))

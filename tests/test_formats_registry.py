@@ -18,7 +18,7 @@ from tensorfold.formats.cp import CPTensor
 
 
 def test_names_are_the_builtin_formats_in_order():
-    assert names() == ("cp", "tucker", "tt", "ttm")
+    assert names() == ("cp", "tucker", "tt", "ttm", "lowrank")
     assert names() == get_args(FormatName)
     assert set(names()) == set(FORMATS)
     for name in names():
@@ -50,13 +50,13 @@ def test_a_new_format_is_listed_after_the_builtins():
     cls = _subclass("fresh", ("fresh-cp",))
     try:
         register(cls)
-        assert names() == ("cp", "tucker", "tt", "ttm", "fresh")
+        assert names() == ("cp", "tucker", "tt", "ttm", "lowrank", "fresh")
         assert get_format("FRESH-CP") is cls
     finally:
         FORMATS.pop("fresh", None)
         formats.base._ALIASES.pop("fresh", None)
         formats.base._ALIASES.pop("fresh-cp", None)
-    assert names() == ("cp", "tucker", "tt", "ttm")
+    assert names() == ("cp", "tucker", "tt", "ttm", "lowrank")
 
 
 # ---- copy_factors_ ------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_assign_low_rank_is_exact(fmt, rank, capacity, terms):
     left = torch.randn(6, m, generator=g, dtype=torch.float64)
     right = torch.randn(m, 7, generator=g, dtype=torch.float64)
     assert t.assign_low_rank_(left, right) is True
-    rebuilt = dense_tensor(fmt, [f.detach() for f in t.factors], 0)
+    rebuilt = dense_tensor(fmt, [f.detach() for f in t.factors], 0, t)
     torch.testing.assert_close(rebuilt, left @ right, rtol=1e-12, atol=1e-12)
     if fmt == "cp":  # columns normalised, the scale in the weights, unused terms zero
         norms = t.factors[1].detach().norm(dim=0)

@@ -25,7 +25,7 @@ def _low_rank_linear(in_f, out_f, rank, dtype=torch.float64, seed=0):
 
 
 # Full ranks for in (3, 4) and out (2, 5): every format can hold any 10x12 weight exactly.
-FULL_RANK = {"tucker": (2, 5, 3, 4), "tt": (2, 10, 4), "ttm": (6,)}
+FULL_RANK = {"tucker": (2, 5, 3, 4), "tt": (2, 10, 4), "ttm": (6,), "lowrank": 10}
 
 
 @pytest.mark.parametrize("fmt", list(FULL_RANK))
@@ -67,7 +67,7 @@ def test_cp_recovers_a_cp_representable_weight():
 def test_matrix_rank_two_weight_is_exact_at_modest_rank(fmt):
     # A rank-2 matrix is TT-rank <= 2 across the out/in cut; Tucker and TTM need more room.
     dense = _low_rank_linear(16, 16, 2)
-    rank = {"cp": 40, "tucker": (4, 4, 4, 4), "tt": (4, 2, 4), "ttm": (16,)}[fmt]
+    rank = {"cp": 40, "tucker": (4, 4, 4, 4), "tt": (4, 2, 4), "ttm": (16,), "lowrank": 2}[fmt]
     layer = FactorizedLinear.from_linear(
         dense,
         rank=rank,
@@ -122,7 +122,8 @@ def test_state_dict_round_trip_after_from_linear(fmt):
 def test_from_linear_list_joint_and_single(fmt):
     torch.manual_seed(0)
     layers = [nn.Linear(12, 10, dtype=torch.float64) for _ in range(3)]
-    rank = {"cp": 200, "tucker": (3, 2, 5, 3, 4), "tt": (3, 6, 12, 4), "ttm": (3, 18)}[fmt]
+    ranks = {"cp": 200, "tucker": (3, 2, 5, 3, 4), "tt": (3, 6, 12, 4), "ttm": (3, 18)}
+    rank = {**ranks, "lowrank": 10}[fmt]
     joint = FactorizedLinear.from_linear_list(layers, (3, 4), (2, 5), rank=rank, factorization=fmt)
     assert joint.n_layers == 3 and len(joint) == 3
     x = torch.randn(4, 12, dtype=torch.float64)

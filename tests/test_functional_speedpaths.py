@@ -80,7 +80,7 @@ def test_lean_function_gradcheck(fmt: str) -> None:
     layer = tensorfold.FactorizedLinear(
         (2, 3), (3, 2), factorization=fmt, rank=0.8, dtype=torch.float64
     )
-    factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.factors]
+    factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.layer_factors()]
     prog = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 4)
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
 
@@ -98,7 +98,7 @@ def test_fused_bias_matches_dense_and_gradchecks(fmt: str, in_modes, out_modes) 
     layer = tensorfold.FactorizedLinear(
         in_modes, out_modes, factorization=fmt, rank=0.5, dtype=torch.float64
     )
-    factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.factors]
+    factors = [f.detach().clone().requires_grad_(True) for f in layer.weight.layer_factors()]
     bias = layer.bias.detach().clone().requires_grad_(True)
     prog = layer_program(layer.weight.network, tuple(tuple(f.shape) for f in factors), 4)
     x = torch.randn(4, *in_modes, dtype=torch.float64, requires_grad=True)
@@ -122,7 +122,7 @@ def test_forward_plans_end_in_output_order() -> None:
     """The last step lays its operands out in output order: no permute of the result, bias fused."""
     for fmt in ("cp", "tt"):
         layer = tensorfold.FactorizedLinear((8, 8, 16), (8, 8, 16), factorization=fmt, rank=0.01)
-        shapes = tuple(tuple(f.shape) for f in layer.weight.factors)
+        shapes = tuple(tuple(f.shape) for f in layer.weight.layer_factors())
         for bucket in (1024, 2048):
             prog = layer_program(layer.weight.network, shapes, bucket)
             assert prog.forward.final_perm is None, (fmt, bucket)

@@ -31,6 +31,7 @@ NAMES = {
     "tucker": ["tucker", "Tucker"],
     "tt": ["tt", "TT"],
     "ttm": ["ttm", "blocktt", "tt-matrix", "MPO"],
+    "lowrank": ["lowrank", "low-rank", "Gauge-Fixed"],
 }
 SIDE_BUDGET = 96  # largest in_features / out_features drawn: keeps every example small
 # Layer + out + in modes per valid example. Planning a first forward of a network with
@@ -91,7 +92,7 @@ def valid_rank(draw, fmt: str, out_modes, in_modes, layer_shape):
         return draw(st.floats(1.0 if single_core else 0.01, 2.0))
     if form == "int":
         return draw(st.integers(1, 6))
-    if fmt == "cp":
+    if fmt in ("cp", "lowrank"):
         return (draw(st.integers(1, 6)),)
     if fmt == "tucker":
         dims = out_modes + in_modes

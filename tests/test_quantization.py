@@ -69,7 +69,7 @@ def _dequantized_dense(layer: FactorizedLinear) -> torch.Tensor:
     """The full tensor from the int8 values and scales, by the loop reference in float64."""
     w = layer.weight
     factors = [q.double() * getattr(w, f"scale_{k}").double() for k, q in enumerate(w.factors)]
-    return dense_tensor(layer.factorization, factors, len(layer.layer_shape))
+    return dense_tensor(layer.factorization, factors, len(layer.layer_shape), w)
 
 
 @pytest.mark.parametrize("factorization", FORMATS)

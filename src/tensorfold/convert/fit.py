@@ -152,7 +152,7 @@ def fit_weight(
     if _set_low_rank(weight, problem):  # the exact optimum, no decomposition needed
         with torch.no_grad():
             return problem.error(weight.to_matrix())
-    starts: list[tuple[float, list[Tensor]]] = []
+    starts: list[tuple[float, dict[str, Tensor]]] = []
     exact = False
     candidates = [problem.low_rank(_matrix_rank_at_same_count(weight))] if data_aware else []
     candidates.append(problem.unconstrained() if data_aware else problem.weight)
@@ -164,13 +164,13 @@ def fit_weight(
         if i == 0 and data_aware and fit_err < 1e-4:
             exact = True
         with torch.no_grad():
-            starts.append(
-                (problem.error(weight.to_matrix()), [f.detach().clone() for f in weight.factors])
-            )
+            # The whole state: a format's buffers (lowrank's order) belong to its factors.
+            state = {k: v.detach().clone() for k, v in weight.state_dict().items()}
+            starts.append((problem.error(weight.to_matrix()), state))
         if exact:
             break
     best_err, best = min(starts, key=lambda s: s[0])
-    weight.copy_factors_(best)
+    weight.load_state_dict(best)
     if exact or not data_aware or refine_steps <= 0:
         return best_err
     return _refine(weight, problem, refine_steps, best_err)
@@ -197,7 +197,7 @@ def _refine(
 
     def closure() -> Tensor:
         opt.zero_grad()
-        w_hat = reconstruct_weight(params, weight.network)
+        w_hat = reconstruct_weight(weight.values_of(params), weight.network)
         loss = (w_hat @ chol - target).square().sum() * scale
         loss.backward()
         return loss
@@ -208,7 +208,8 @@ def _refine(
         except RuntimeError:  # a degenerate line search; keep the start
             return start_err
     with torch.no_grad():
-        err = problem.error(reconstruct_weight([p.detach() for p in params], weight.network))
+        rebuilt = reconstruct_weight(weight.values_of([p.detach() for p in params]), weight.network)
+        err = problem.error(rebuilt)
     if math.isfinite(err) and err < start_err:
         weight.copy_factors_(
             [p.detach().to(o.dtype) for p, o in zip(params, original, strict=False)]

@@ -10,6 +10,7 @@ error at that layer's share.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ __all__ = ["LayerPlan", "ConversionPlan", "ConversionReport", "plan"]
 # weights: one mode makes CP and TT a low-rank matrix factorisation (TT's bond is the
 # matrix rank); TT-matrix needs two to compress at all; Tucker with one mode caps the
 # matrix rank at its smaller core rank, two modes spend the budget better.
-DEFAULT_MODES = {"cp": 1, "tt": 1, "tucker": 2, "ttm": 2}
+DEFAULT_MODES = {"cp": 1, "tt": 1, "lowrank": 1, "tucker": 2, "ttm": 2}
 # Iterations of CP's ALS and Tucker's HOOI when 'auto' compares formats: the comparison
 # only ranks them, and converged fits cost most of the planning time on wide layers.
 _CHOICE_SWEEPS = 5
@@ -298,33 +299,42 @@ def _allocate(
     spectra: dict[str, Tensor],
     weights: dict[str, float],
     budget: float,
+    gauge: bool = False,
 ) -> dict[str, float]:
     """Shares per layer from the whitened spectra: rank-one terms are kept greedily by
     (weighted output error they remove) / (parameters they cost) until the budget is spent.
-    Greedy is optimal here because each layer's gains are non-increasing."""
+    A term of a pair costs ``m + n``; with ``gauge`` (the gauge-fixed low-rank form) the
+    ``j``-th costs ``m + n - 2j + 1``, so that ``k`` terms cost ``k (m + n - k)``. Greedy is
+    optimal for pairs because each layer's gains per parameter are non-increasing."""
     total = sum(lin.in_features * lin.out_features for lin in linears.values())
-    items: list[tuple[float, str]] = []
-    ranks: dict[str, int] = {}
-    spent = 0
+    terms: dict[str, list[tuple[float, int]]] = {}  # per layer, (gain / cost, cost) by term
     for name, lin in linears.items():
-        cost = lin.in_features + lin.out_features
-        s2 = spectra[name]
-        gains = (weights[name] * s2 / max(float(s2.sum()), 1e-300) / cost).tolist()
-        cap = max(1, (lin.in_features * lin.out_features) // cost)
-        ranks[name] = 1
-        spent += cost
-        items += [(g, name) for g in gains[1:cap]]
-    items.sort(key=lambda t: -t[0])
-    for _, name in items:
-        lin = linears[name]
-        cost = lin.in_features + lin.out_features
+        m, n = lin.out_features, lin.in_features
+        s2 = (spectra[name] / max(float(spectra[name].sum()), 1e-300)).tolist()
+        cap = min(m, n, len(s2)) if gauge else max(1, min(len(s2), (m * n) // (m + n)))
+        costs = [m + n - (2 * j - 1 if gauge else 0) for j in range(1, cap + 1)]
+        terms[name] = [(weights[name] * g / c, c) for g, c in zip(s2, costs, strict=False)]
+    # Each layer keeps its first term, then terms in order, the best next term first: a
+    # gauge-fixed term costs less than the one before it, so gains per parameter need not
+    # fall, and a term is never kept before the ones above it.
+    ranks = dict.fromkeys(linears, 1)
+    spent = sum(t[0][1] for t in terms.values())
+    heap = [(-t[1][0], name) for name, t in terms.items() if len(t) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        cost = terms[name][ranks[name]][1]
         if spent + cost > budget * total:
             break
         spent += cost
         ranks[name] += 1
+        if ranks[name] < len(terms[name]):
+            heapq.heappush(heap, (-terms[name][ranks[name]][0], name))
+    count = (lambda k, m, n: k * (m + n - k)) if gauge else (lambda k, m, n: k * (m + n))
     return {
-        n: ranks[n] * (lin.in_features + lin.out_features) / (lin.in_features * lin.out_features)
-        for n, lin in linears.items()
+        name: count(ranks[name], lin.out_features, lin.in_features)
+        / (lin.in_features * lin.out_features)
+        for name, lin in linears.items()
     }
 
 
@@ -430,7 +440,9 @@ def plan(
             )
     batches = as_batches(calibration)
     formats = opts.formats
-    base_fmt = formats[0] if fmt != "auto" else "tt"
+    # Allocation counts a rank's parameters as the gauge-fixed form does where it may be used.
+    gauge = "lowrank" in formats
+    base_fmt = formats[0] if fmt != "auto" else ("lowrank" if gauge else "tt")
 
     from tqdm.auto import tqdm
 
@@ -508,7 +520,7 @@ def plan(
                     model, names, each, budget, probe, how, bar
                 )
             bar.close()
-            shares = _allocate(linears, spectra, sens, budget)
+            shares = _allocate(linears, spectra, sens, budget, gauge)
         modes = n_tensorized_modes
         layers = [_layer_plan(n, linears[n], base_fmt, shares[n], modes) for n in names]
         layers = _fit_budget(layers, shares, linears, budget, modes)

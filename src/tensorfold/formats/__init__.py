@@ -3,6 +3,7 @@ lists them."""
 
 from .base import FORMATS, FactorizedTensor, FormatName, RankSpec, get_format, names, register
 from .cp import CPTensor
+from .lowrank import LowRankTensor
 from .tt import TTTensor
 from .ttm import TTMTensor
 from .tucker import TuckerTensor
@@ -16,6 +17,7 @@ __all__ = [
     "names",
     "register",
     "CPTensor",
+    "LowRankTensor",
     "TuckerTensor",
     "TTTensor",
     "TTMTensor",

@@ -37,7 +37,7 @@ Modes = tuple[int, ...]
 #: fraction of the dense parameter count, an int, or a per-format tuple (a list is accepted).
 RankSpec: TypeAlias = Literal["same"] | float | int | tuple[int, ...] | list[int]
 #: The canonical names of the built-in formats (:func:`names` also lists registered ones).
-FormatName: TypeAlias = Literal["cp", "tucker", "tt", "ttm"]
+FormatName: TypeAlias = Literal["cp", "tucker", "tt", "ttm", "lowrank"]
 
 FORMATS: dict[str, type[FactorizedTensor]] = {}
 _ALIASES: dict[str, str] = {}
@@ -129,6 +129,9 @@ class FactorizedTensor(nn.Module):
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     decomposition_options: ClassVar[tuple[str, ...]] = ()
+    # Whether the factors the network contracts are computed from the stored parameters
+    # (see values_of), so that none of them is a view of a parameter.
+    builds_values: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -178,6 +181,7 @@ class FactorizedTensor(nn.Module):
             )
             for s in self._subscripts
         ]
+        self._init_buffers()
         self.reset_parameters()
 
     # ---- what each format provides -------------------------------------------------
@@ -226,6 +230,14 @@ class FactorizedTensor(nn.Module):
         Returns the relative error of the fit.
         """
         raise NotImplementedError
+
+    def _init_buffers(self) -> None:
+        """Register the format's buffers (called once the factors exist); none by default."""
+
+    def values_of(self, stored: Sequence[Tensor]) -> list[Tensor]:
+        """The factors the network contracts, from the stored ones (in the working dtype);
+        the stored ones themselves unless the format :attr:`builds_values`."""
+        return list(stored)
 
     # ---- generic machinery ---------------------------------------------------------
     @classmethod
@@ -322,6 +334,12 @@ class FactorizedTensor(nn.Module):
         return "scale_0" in self._buffers
 
     @property
+    def built_values(self) -> bool:
+        """Whether every factor the layer contracts is built at each call (int8 storage or
+        a format that :attr:`builds_values`): no operand it could keep is a view."""
+        return self.quantized or self.builds_values
+
+    @property
     def dtype(self) -> torch.dtype:
         """The working dtype: the factors' values are computed in it."""
         first = self._buffers["scale_0"] if self.quantized else self.factors[0]
@@ -365,10 +383,10 @@ class FactorizedTensor(nn.Module):
         # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
         # factor on the hot path); its _parameters dict holds them in index order.
         factors = cast("Iterable[Tensor]", self.factors._parameters.values())
-        if not self.quantized:
-            return list(factors)
-        pairs = zip(factors, self._buffers.values(), strict=True)  # scale_k in factor order
-        return [dequantize(q, scale) for q, scale in pairs]  # type: ignore[arg-type]
+        if self.quantized:
+            scales = [self._buffers[f"scale_{k}"] for k in range(len(self.factors))]
+            factors = [dequantize(q, s) for q, s in zip(factors, scales, strict=True)]  # type: ignore[arg-type]
+        return self.values_of(list(factors)) if self.builds_values else list(factors)
 
     def reset_parameters(
         self, std: float | None = None, generator: torch.Generator | None = None

@@ -190,18 +190,18 @@ class InferenceCache:
         policy: CachePolicy,
         program: LayerProgram,
         factors: Sequence[Tensor],
-        quantized: bool = False,
+        built: bool = False,
     ) -> frozenset[str]:
         """The operands ``policy`` lets the layer keep for one index (``factors``: their
-        values in the working dtype; ``quantized``: stored as int8, see
-        :meth:`~tensorfold.formats.FactorizedTensor.quantize_`)."""
-        if policy == "none" or (policy == "split" and quantized):
+        values in the working dtype; ``built``: each is built per call, so no kept side is a
+        view, see :attr:`~tensorfold.formats.FactorizedTensor.built_values`)."""
+        if policy == "none" or (policy == "split" and built):
             return frozenset()
         if policy == "weights":
             return frozenset({"split", "weight"})
         itemsize = factors[0].element_size()
         dense = program.in_features * program.out_features * itemsize
-        pair = math.inf if program.split is None else program.split.built_bytes(factors, quantized)
+        pair = math.inf if program.split is None else program.split.built_bytes(factors, built)
         if policy == "split":
             params = sum(f.numel() * f.element_size() for f in factors)
             return frozenset({"split"}) if params + pair < dense else frozenset()
@@ -319,7 +319,7 @@ class InferenceCache:
             f0.device.type,
             f0.element_size(),
         )
-        cacheable = self.cacheable(layer.cache, program, factors, layer.weight.quantized)
+        cacheable = self.cacheable(layer.cache, program, factors, layer.weight.built_values)
         if layer.implementation == "auto":
             decision = self.decide(layer, program, cacheable, x, idx, bias)
         else:

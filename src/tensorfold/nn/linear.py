@@ -338,7 +338,7 @@ class FactorizedLinear(nn.Module):
         operand = 0  # what the path keeps for this index once it has run
         if inference and keeps in cacheable:
             if path == "split" and program.split is not None:
-                operand = program.split.built_bytes(factors, self.weight.quantized)
+                operand = program.split.built_bytes(factors, self.weight.built_values)
             else:
                 operand = self.in_features * self.out_features * factors[0].element_size()
         return Explanation(

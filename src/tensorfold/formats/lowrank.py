@@ -1,0 +1,169 @@
+"""A low-rank matrix in a gauge-fixed form: ``W = U [I C] P``.
+
+A pair ``W = U V`` of rank ``k`` holds ``k (m + n)`` numbers but has only ``k (m + n - k)``
+degrees of freedom: ``U V = (U S) (S^-1 V)`` for every invertible ``S``. Fixing ``k`` columns
+of ``V`` to the identity removes that freedom, so the same parameter count holds a larger
+rank. The fixed columns are chosen by LU with partial pivoting of ``V``'s orthonormal row
+basis (the DEIM choice), which keeps ``C`` well conditioned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import RankError
+from .base import FactorizedTensor, Modes, largest_fitting, register
+
+
+def gauge_count(rank: int, out_f: int, in_f: int) -> int:
+    """Numbers held by one layer's ``U (out_f, rank)`` and ``C (rank, in_f - rank)``."""
+    return rank * (out_f + in_f - rank)
+
+
+def gauge_fixed(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, C, order)`` with ``U @ cat([I, C], 1)[:, order] == left @ right``.
+
+    ``left (out, m)``, ``right (m, in)`` with ``m <= rank <= min(out, in)``; computed in
+    float64. ``order`` is the inverse of the column permutation that puts the ``rank``
+    pivot columns first.
+    """
+    left, right = left.double(), right.double()
+    m, n = right.shape
+    # An orthonormal basis of rank rows whose first m span right's rows (padded with
+    # random directions where right has fewer rows): right = T^T Q^T.
+    pad = torch.randn(n, rank - m, dtype=right.dtype, generator=torch.Generator().manual_seed(0))
+    q, r = torch.linalg.qr(torch.cat([right.T, pad.to(right.device)], dim=1))
+    basis = q.T  # (rank, n), orthonormal rows
+    lift = left.new_zeros(left.shape[0], rank)
+    lift[:, :m] = left @ r[:m, :m].T
+    # Partial pivoting of basis^T picks rank well-conditioned columns.
+    _, pivots = torch.linalg.lu_factor(basis.T)
+    perm = list(range(n))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    perm_t = torch.tensor(perm, device=right.device)
+    block = basis[:, perm_t[:rank]]  # (rank, rank), invertible
+    coef = torch.linalg.solve(block, basis[:, perm_t[rank:]])
+    return lift @ block, coef, torch.argsort(perm_t)
+
+
+@register
+class LowRankTensor(FactorizedTensor):
+    """Low rank in a gauge-fixed form, per layer ``W = U [I C] P`` (``P`` a permutation of
+    the input features). Parameters: ``U (*layer_shape, *out_modes, k)`` and
+    ``C (*layer_shape, k, in_features - k)``; buffer ``order`` (the permutation, per layer).
+    ``rank`` is the int ``k <= min(out_features, in_features)``; a layer holds
+    ``k (out_features + in_features - k)`` numbers, so at full rank exactly the dense count.
+    The factors the network contracts are ``U`` and ``V = [I C] P``, built from ``C`` at
+    every call."""
+
+    name = "lowrank"
+    aliases = ("low-rank", "gauge-fixed")
+    decomposition_options = ()
+    builds_values = True
+
+    @classmethod
+    def parameter_shapes(
+        cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> list[tuple[int, ...]]:
+        return [(*layer_shape, *out_modes, rank), (*layer_shape, rank, math.prod(in_modes) - rank)]
+
+    @classmethod
+    def subscripts(cls, layer: str, out: str, inp: str, fresh: Iterator[str]) -> tuple[str, ...]:
+        r = next(fresh)
+        return (layer + out + r, layer + r + inp)
+
+    @classmethod
+    def rank_from_int(cls, rank: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes) -> int:
+        return min(rank, math.prod(out_modes), math.prod(in_modes))
+
+    @classmethod
+    def rank_from_sequence(
+        cls, rank: tuple[int, ...], out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> int:
+        if len(rank) != 1:
+            raise RankError(
+                f"rank={rank!r}: lowrank takes a single int rank, got {len(rank)} values"
+            )
+        return cls.rank_from_int(rank[0], out_modes, in_modes, layer_shape)
+
+    @classmethod
+    def rank_for_count(
+        cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
+    ) -> int:
+        out_f, in_f, n = math.prod(out_modes), math.prod(in_modes), math.prod(layer_shape)
+        return largest_fitting(
+            1, min(out_f, in_f), lambda k: n * gauge_count(k, out_f, in_f) <= n_params
+        )
+
+    def _init_buffers(self) -> None:
+        in_f = math.prod(self.in_modes)
+        order = torch.arange(in_f, device=self.factors[0].device)
+        self.register_buffer("order", order.expand(*self.layer_shape, in_f).clone())
+
+    def init_stds(self, target_std: float) -> list[float | None]:
+        # W's entries are a column of U (fixed columns) or k products u c (the others):
+        # var(U) = target^2 and var(C) = 1 / k give both the target.
+        return [target_std, 1.0 / math.sqrt(self.rank)]
+
+    def reset_parameters(
+        self, std: float | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().reset_parameters(std, generator)
+        order = self._buffers["order"]
+        assert order is not None  # registered in __init__
+        order.copy_(torch.arange(order.shape[-1], device=order.device).expand_as(order))
+
+    def values_of(self, stored: Sequence[Tensor]) -> list[Tensor]:
+        """``U`` and ``V = [I C] P`` from the stored ``U`` and ``C``."""
+        u, coef = stored
+        order = self._buffers["order"]
+        assert order is not None  # registered in __init__
+        k = int(self.rank)
+        eye = torch.eye(k, dtype=coef.dtype, device=coef.device).expand(*coef.shape[:-1], k)
+        full = torch.cat([eye, coef], dim=-1)
+        if self.layer_shape:
+            v = full.gather(-1, order.unsqueeze(-2).expand(*full.shape))
+        else:
+            v = full.index_select(-1, order)
+        return [u, v.reshape(*v.shape[:-1], *self.in_modes)]
+
+    def fit_(self, tensor: Tensor, **options: Any) -> float:
+        from ..decompose._common import prepare
+
+        self._check_options(options)
+        dense = self._check_dense(tensor)
+        prepare(dense, torch.float64)  # refuses what no decomposition takes (NaN, Inf)
+        out_f, in_f, k = math.prod(self.out_modes), math.prod(self.in_modes), int(self.rank)
+        matrices = dense.reshape(-1, out_f, in_f).double()
+        us, coefs, orders = [], [], []
+        for w in matrices:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            left, right = u[:, :k] * s[:k], vh[:k]
+            uk, ck, ok = gauge_fixed(left, right, k)
+            us.append(uk)
+            coefs.append(ck)
+            orders.append(ok)
+        self._write(torch.stack(us), torch.stack(coefs), torch.stack(orders))
+        with torch.no_grad():
+            rebuilt = self.to_tensor().double().reshape(matrices.shape)
+        return float((rebuilt - matrices).norm() / matrices.norm().clamp_min(1e-300))
+
+    def low_rank_capacity(self) -> int | None:
+        """The rank ``k`` (one layer: layer modes have a permutation each)."""
+        return None if self.layer_shape else int(self.rank)
+
+    def _assign_low_rank(self, left: Tensor, right: Tensor, capacity: int) -> None:
+        u, coef, order = gauge_fixed(left, right, capacity)
+        self._write(u, coef, order)
+
+    def _write(self, u: Tensor, coef: Tensor, order: Tensor) -> None:
+        target = self._buffers["order"]
+        assert target is not None  # registered in __init__
+        target.copy_(order.reshape(target.shape))
+        self.copy_factors_([u, coef])

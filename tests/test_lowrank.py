@@ -1,0 +1,145 @@
+"""The gauge-fixed low-rank format: its count, exactness and what fitting writes."""
+
+import math
+
+import pytest
+import torch
+
+from tensorfold.convert.planner import _allocate
+from tensorfold.errors import RankError
+from tensorfold.formats import get_format
+from tensorfold.formats.lowrank import gauge_count, gauge_fixed
+from tensorfold.nn import FactorizedLinear
+
+LowRank = get_format("lowrank")
+
+
+def test_count_is_degrees_of_freedom_of_a_rank_k_matrix():
+    t = LowRank((48,), (64,), rank=10)
+    assert t.num_parameters() == 10 * (48 + 64 - 10) == gauge_count(10, 48, 64)
+    # The same count in a plain pair holds a smaller rank.
+    pair = get_format("tt")((48,), (64,), rank=0.5)
+    gauge = LowRank((48,), (64,), rank=0.5)
+    assert gauge.num_parameters() <= 0.5 * 48 * 64
+    assert gauge.rank > pair.rank[0]
+    assert gauge.rank == max(k for k in range(1, 49) if gauge_count(k, 48, 64) <= 1536)
+
+
+def test_full_rank_holds_the_dense_count_and_recovers_any_matrix():
+    t = LowRank((48,), (64,), rank="same")
+    assert t.rank == 48 and t.num_parameters() == 48 * 64
+    dense = torch.randn(48, 64, dtype=torch.float64)
+    assert t.fit_(dense) < 1e-6
+    torch.testing.assert_close(t.to_matrix().double(), dense, atol=1e-5, rtol=0)
+
+
+def test_fit_matches_truncated_svd_in_float64():
+    torch.manual_seed(0)
+    dense = torch.randn(2, 20, 30, dtype=torch.float64)
+    t = LowRank((20,), (30,), rank=6, layer_shape=(2,), dtype=torch.float64)
+    t.fit_(dense)
+    for i in range(2):
+        u, s, vh = torch.linalg.svd(dense[i])
+        best = (u[:, :6] * s[:6]) @ vh[:6]
+        torch.testing.assert_close(t.to_matrix((i,)), best, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("m", [3, 7])
+def test_gauge_fixed_is_exact_and_has_identity_columns(m):
+    torch.manual_seed(1)
+    left, right = torch.randn(12, m, dtype=torch.float64), torch.randn(m, 16, dtype=torch.float64)
+    u, coef, order = gauge_fixed(left, right, 7)
+    v = torch.cat([torch.eye(7, dtype=torch.float64), coef], 1)[:, order]
+    torch.testing.assert_close(u @ v, left @ right, atol=1e-10, rtol=0)
+    # The pivot columns of V are the identity's, and the pivoting keeps the rest bounded.
+    perm = torch.argsort(order)
+    assert torch.equal(v[:, perm[:7]], torch.eye(7, dtype=v.dtype))
+    assert sorted(order.tolist()) == list(range(16))
+    assert coef.abs().max() < 10
+
+
+def test_assign_low_rank_writes_the_matrix_and_pads_a_smaller_one():
+    t = LowRank((4, 3), (2, 8), rank=5)
+    left, right = torch.randn(12, 3), torch.randn(3, 16)
+    assert t.assign_low_rank_(left, right)
+    torch.testing.assert_close(t.to_matrix(), left @ right, atol=1e-5, rtol=1e-5)
+    assert not t.assign_low_rank_(torch.randn(12, 6), torch.randn(6, 16))  # over capacity
+
+
+def test_layer_forward_and_gradients_match_dense_float64():
+    torch.manual_seed(2)
+    layer = FactorizedLinear(24, 16, factorization="lowrank", rank=5, dtype=torch.float64)
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.to_matrix()
+    ref = x @ w.T + layer.bias
+    y = layer(x)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    gx, gu, gc = torch.autograd.grad(y, (x, *layer.weight.factors), grad)
+    u, c = layer.weight.factors
+    order = layer.weight.order
+
+    def dense(u, c):
+        v = torch.cat([torch.eye(5, dtype=c.dtype), c], 1)[:, order]
+        return x @ (u @ v).T
+
+    ru, rc = torch.autograd.grad(dense(u, c), (u, c), grad)
+    torch.testing.assert_close(gu, ru)
+    torch.testing.assert_close(gc, rc)
+    torch.testing.assert_close(gx, grad.reshape(-1, 16).matmul(w).reshape(x.shape))
+
+
+def test_state_dict_carries_the_permutation():
+    a = LowRank((12,), (16,), rank=4)
+    a.fit_(torch.randn(12, 16))
+    assert a.order.tolist() != list(range(16))
+    b = LowRank((12,), (16,), rank=4)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b.to_matrix(), a.to_matrix())
+
+
+def test_int8_storage_keeps_the_permutation_and_is_close():
+    t = LowRank((32,), (40,), rank=8)
+    t.fit_(torch.randn(32, 40))
+    before = t.to_matrix().detach()
+    t.quantize_()
+    assert t.factors[0].dtype == torch.int8 and t.order.dtype == torch.int64
+    assert float((t.to_matrix() - before).abs().max()) < 0.02 * float(before.abs().max())
+
+
+def test_default_init_has_linear_scale():
+    torch.manual_seed(3)
+    layer = FactorizedLinear(512, 256, factorization="lowrank", rank=64)
+    target = 1 / math.sqrt(3 * 512)
+    assert abs(float(layer.weight.to_matrix().std()) / target - 1) < 0.1
+
+
+def test_rank_rules():
+    assert LowRank((8,), (6,), rank=100).rank == 6
+    assert LowRank((8,), (6,), rank=(3,)).rank == 3
+    with pytest.raises(RankError, match=r"rank=\(2, 2\): lowrank takes a single int rank"):
+        LowRank((8,), (6,), rank=(2, 2))
+
+
+def test_the_split_policy_keeps_nothing_for_built_factors():
+    layer = FactorizedLinear(64, 64, factorization="lowrank", rank=8).eval()
+    with torch.no_grad():
+        layer(torch.randn(32, 64))
+    assert layer.cached_bytes() == 0
+    assert "cache" in str(layer.explain(torch.randn(32, 64)))
+
+
+def test_allocation_with_gauge_costs_spends_the_budget_on_larger_ranks():
+    lin = {n: torch.nn.Linear(32, 32) for n in "ab"}
+    spectra = {"a": torch.linspace(2, 1, 32) ** 2, "b": torch.linspace(1, 0.5, 32) ** 2}
+    weights = dict.fromkeys("ab", 1.0)
+    pair = _allocate(lin, spectra, weights, 0.5)
+    gauge = _allocate(lin, spectra, weights, 0.5, gauge=True)
+    for shares in (pair, gauge):
+        assert sum(shares.values()) * 32 * 32 <= 0.5 * 2 * 32 * 32
+    rank_pair = {n: round(s * 32 * 32 / 64) for n, s in pair.items()}
+    rank_gauge = {
+        n: next(k for k in range(33) if gauge_count(k, 32, 32) == round(s * 1024))
+        for n, s in gauge.items()
+    }
+    assert sum(rank_gauge.values()) > sum(rank_pair.values())
