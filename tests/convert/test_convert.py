@@ -370,6 +370,24 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
     assert calls[4] == 3  # from disk: once per batch, and the same losses
 
 
+def test_distill_shuffles_the_first_pass_too() -> None:
+    # Callers group batches by length: a run stopped within its first pass must not see
+    # only the first batches in order.
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    batches = calib(8)
+    seen: list[int] = []
+    ids = {id(b): i for i, b in enumerate(batches)}
+    handle = student.register_forward_pre_hook(lambda m, a: seen.append(ids[id(a[0])]))
+    try:
+        tensorfold.convert.distill(student, teacher, batches, steps=16, progress=False)
+    finally:
+        handle.remove()
+    assert sorted(seen[:8]) == sorted(seen[8:]) == list(range(8))  # each pass, every batch
+    assert seen[:4] != [0, 1, 2, 3] and seen[:8] != seen[8:]
+
+
 def test_distill_refuses_a_negative_cache_limit() -> None:
     teacher = tiny()
     with pytest.raises(ConversionError, match=r"cache_bytes=-1 must be an int >= 0"):

@@ -139,7 +139,7 @@ def distill(
     Args:
         student: the converted model (trained in place).
         teacher: the original model (unchanged).
-        data: batches of model inputs, cycled (shuffled once per pass after the first).
+        data: batches of model inputs, cycled in a new shuffled order each pass.
         options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
             parameters, features, feature_weight, warmup, weight_decay, max_seconds,
             cache_teacher, cache_bytes, cache_disk); its fields can also be given as keywords, which
@@ -195,7 +195,9 @@ def distill(
     gen = torch.Generator().manual_seed(0)
 
     def order() -> Iterable[int]:
-        yield from range(len(batches))
+        # Shuffled from the first pass on: callers often group batches by length, and a
+        # run stopped by max_seconds within its first pass would otherwise see only the
+        # shortest ones, in order.
         while True:
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
