@@ -165,11 +165,28 @@ def test_auto_picks_the_lowest_error_format_per_layer() -> None:
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())
 
 
-def test_auto_tries_tt_and_tucker_by_default() -> None:
+def test_auto_tries_lowrank_and_tucker_by_default() -> None:
     p = plan(tiny(), budget=0.5, factorization="auto", calibration=calib(2))
     for lp in p.layers:
-        assert set(lp.candidates) == {"tucker", "tt"}
+        assert set(lp.candidates) == {"tucker", "lowrank"}
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_lowrank_fits_better_than_a_pair_at_the_same_share(budget: float) -> None:
+    p = plan(
+        tiny(),
+        budget=budget,
+        factorization="auto",
+        calibration=calib(2),
+        candidates=("tt", "lowrank"),
+    )
+    assert abs(p.kept - budget) <= 0.02 * budget
+    for lp in p.layers:
+        if lp.name == "unused":  # rank 1 in both at its share: a tie
+            continue
+        assert lp.factorization == "lowrank"
+        assert lp.candidates["lowrank"] < lp.candidates["tt"]
     with pytest.raises(ConversionError, match=r"candidates=\[\] must name one or more formats"):
         plan(tiny(), budget=0.5, factorization="auto", candidates=[])
 

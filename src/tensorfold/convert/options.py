@@ -33,10 +33,11 @@ __all__ = [
     "check_factorization",
 ]
 
-# What 'auto' tries per layer. One-mode CP holds the same low-rank matrices as one-mode TT
-# (plus a weight vector), and on MiniLM 'auto' never picked TT-matrix or CP for a used layer
-# (benchmarks/RESULTS.md): trying them costs fitting time only. Name a format to use it.
-AUTO_CANDIDATES: tuple[str, ...] = ("tt", "tucker")
+# What 'auto' tries per layer. 'lowrank' holds a larger rank than one-mode TT or CP at the
+# same count (the same matrices, without the pair's redundancy), so at a given share it
+# always fits at least as well; on MiniLM 'auto' never picked TT-matrix or CP for a used
+# layer (benchmarks/RESULTS.md): trying them costs fitting time only. Name one to use it.
+AUTO_CANDIDATES: tuple[str, ...] = ("lowrank", "tucker")
 
 
 def check_budget(budget: object) -> float | None:
