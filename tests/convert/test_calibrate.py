@@ -158,12 +158,16 @@ def test_auto_plan_records_planning_statistics_once(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(planner_mod, "stats_by_block", counted)
     torch.manual_seed(0)
     m = Tiny(n=3)
-    kept = plan(m, budget=0.4, calibration=calib(3), factorization="auto")
+    plan(m, budget=0.4, calibration=calib(3), factorization="auto")  # one candidate
+    assert len(passes) == 1
+    passes.clear()
+    both = ("lowrank", "tucker")
+    kept = plan(m, budget=0.4, calibration=calib(3), factorization="auto", candidates=both)
     assert len(passes) == 1
     # No room on disk: the second pass records again, and the plan is the same.
     monkeypatch.setattr(SpillCache, "put", lambda self, i, v: False)
     passes.clear()
-    again = plan(m, budget=0.4, calibration=calib(3), factorization="auto")
+    again = plan(m, budget=0.4, calibration=calib(3), factorization="auto", candidates=both)
     assert len(passes) == 2
     assert [(lp.name, lp.factorization, lp.rank) for lp in kept.layers] == [
         (lp.name, lp.factorization, lp.rank) for lp in again.layers

@@ -165,8 +165,17 @@ def test_auto_picks_the_lowest_error_format_per_layer() -> None:
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())
 
 
-def test_auto_tries_lowrank_and_tucker_by_default() -> None:
+def test_auto_is_lowrank_by_default_and_compares_the_candidates_given() -> None:
     p = plan(tiny(), budget=0.5, factorization="auto", calibration=calib(2))
+    assert {lp.factorization for lp in p.layers} == {"lowrank"}
+    assert all(not lp.candidates for lp in p.layers)  # one candidate: nothing to compare
+    p = plan(
+        tiny(),
+        budget=0.5,
+        factorization="auto",
+        calibration=calib(2),
+        candidates=("tucker", "lowrank"),
+    )
     for lp in p.layers:
         assert set(lp.candidates) == {"tucker", "lowrank"}
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())

@@ -35,9 +35,10 @@ __all__ = [
 
 # What 'auto' tries per layer. 'lowrank' holds a larger rank than one-mode TT or CP at the
 # same count (the same matrices, without the pair's redundancy), so at a given share it
-# always fits at least as well; on MiniLM 'auto' never picked TT-matrix or CP for a used
-# layer (benchmarks/RESULTS.md): trying them costs fitting time only. Name one to use it.
-AUTO_CANDIDATES: tuple[str, ...] = ("lowrank", "tucker")
+# always fits at least as well; on MiniLM, offered beside Tucker, it won all 36 layers, and
+# TT-matrix and CP never won a used layer (benchmarks/RESULTS.md): trying the tensor
+# formats costs fitting time only on trained weights. Pass candidates to compare them.
+AUTO_CANDIDATES: tuple[str, ...] = ("lowrank",)
 
 
 def check_budget(budget: object) -> float | None:

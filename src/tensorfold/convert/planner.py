@@ -442,7 +442,8 @@ def plan(
     formats = opts.formats
     # Allocation counts a rank's parameters as the gauge-fixed form does where it may be used.
     gauge = "lowrank" in formats
-    base_fmt = formats[0] if fmt != "auto" else ("lowrank" if gauge else "tt")
+    choosing = fmt == "auto" and len(formats) > 1  # else every layer gets formats[0]
+    base_fmt = "lowrank" if gauge else ("tt" if choosing else formats[0])
 
     from tqdm.auto import tqdm
 
@@ -472,7 +473,7 @@ def plan(
 
     # 'auto' goes over every layer's problem twice (allocation, then formats): the first
     # pass keeps each block's statistics on disk, so the second does not record them again.
-    kept = SpillCache(0, disk=True) if fmt == "auto" and opts.allocation != "uniform" else None
+    kept = SpillCache(0, disk=True) if choosing and opts.allocation != "uniform" else None
     recorded = False  # a first pass ran to the end, keeping every chunk in ``kept`` or none
 
     def problems() -> Generator[tuple[str, WhitenedProblem]]:
@@ -526,7 +527,7 @@ def plan(
         layers = _fit_budget(layers, shares, linears, budget, modes)
         for lp in layers:
             lp.sensitivity = sens[lp.name]
-        if fmt == "auto":
+        if choosing:
             bar = tqdm(
                 total=len(names) * len(formats),
                 desc="choosing formats",
