@@ -7,8 +7,12 @@ Usage (from the repository root, with the demo extra installed):
 Each run loads a fresh MiniLM, converts its 36 encoder linear layers with
 ``tensorfold.tensorize`` (calibrated on Python's bundled documentation text), optionally
 distils, and measures mean/min cosine and 10-NN agreement on disjoint held-out sentences.
-Two baselines are printed first: plain truncated SVD of each weight and activation-aware
-SVD with uniform ranks (no allocation, no sequential correction, no distillation).
+With ``--baselines`` two baselines are printed first: plain truncated SVD of each weight and
+activation-aware SVD with uniform ranks (no allocation, no sequential correction, no
+distillation). With ``--svdllm``, the SVD-LLM-style baseline of ``svdllm_baseline.py``
+(whitened truncation and its closed-form update, uniform and global ranks) runs on the
+pipeline's own split: the same calibration, held-out and other-source sentences as the
+tensorfold rows.
 """
 
 from __future__ import annotations
@@ -93,6 +97,60 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
     }
 
 
+def svdllm(budgets: list[float], n_cal: int) -> list[dict]:
+    """SVD-LLM-style rows (``svdllm_baseline.py``: whitened truncation and the closed-form
+    update, uniform and global ranks) on the pipeline's own split: the same calibration
+    sentences, held-out and other-source sets as the tensorfold runs."""
+    import sys
+    from pathlib import Path
+
+    from tensorfold.convert._util import match_modules
+    from tensorfold.pretrained import models
+    from tensorfold.pretrained.pipeline import _other_source, _split_data
+    from tensorfold.pretrained.tasks import task_for
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from svdllm_baseline import svdllm_compress, whiten
+
+    config = CompressConfig(
+        model_dir=demo.model_directory(),
+        targets=[demo.ENCODER_TARGETS],
+        calibration_samples=n_cal,
+        evaluation_samples=demo.EVALUATION_SENTENCES,
+        progress=False,
+    )
+    loaded = models.load(config.model_dir, None, torch.device("cpu"), torch.float32)
+    task = task_for(loaded, config.seq_len, torch.device("cpu"))
+    parts = _split_data(config, task)
+    cal = task.batches(parts.calibration)
+    evals = {"final": task.batches(parts.evaluation)}
+    evals["final_other"] = task.batches(_other_source(task, len(parts.evaluation)))
+    teacher = loaded.model
+    names = match_modules(teacher, [demo.ENCODER_TARGETS], None)
+    whitened = whiten(teacher, names, cal, task.forward)
+    rows = []
+    for budget in budgets:
+        for allocation in ("uniform", "global"):
+            student, rep = svdllm_compress(
+                teacher, names, cal, budget, allocation, True, task.forward, whitened
+            )
+            fid = {k: vars(task.evaluate(student, teacher, b)) for k, b in evals.items()}
+            rows.append(
+                {
+                    "budget": budget,
+                    "format": f"baseline SVD-LLM {allocation}",
+                    "kept": rep.kept,
+                    "seconds": rep.seconds,  # the shared whitening included
+                    "distill_steps": 0,
+                    "layerwise": fid["final"],
+                    "layerwise_other": fid["final_other"],
+                    **fid,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
@@ -106,6 +164,9 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=50)
     p.add_argument("--baselines", action="store_true")
     p.add_argument(
+        "--svdllm", action="store_true", help="SVD-LLM-style rows on the pipeline's own split"
+    )
+    p.add_argument(
         "--out", default=None, help="results .json (a .md table and a .png plot beside it)"
     )
     a = p.parse_args()
@@ -113,7 +174,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    results = []
+    results = svdllm(a.budgets, a.calibration_sentences) if a.svdllm else []
     for budget in a.budgets:
         runs = [("svd", None), ("activation-aware svd", None)] if a.baselines else []
         for name, _ in runs:

@@ -60,19 +60,18 @@ def ttm_dense(layer_cores: list[Tensor], cores: list[Tensor]) -> Tensor:
     return full.permute(perm)
 
 
-def lowrank_dense(u: Tensor, coef: Tensor, order: Tensor, in_modes: tuple[int, ...]) -> Tensor:
+def lowrank_dense(u: Tensor, coef: Tensor, perm: Tensor, in_modes: tuple[int, ...]) -> Tensor:
     """``U [I C] P`` per layer: column ``j`` of ``[I C]`` is input feature ``perm[j]``."""
     k = u.shape[-1]
-    layer_shape, out_modes = tuple(order.shape[:-1]), tuple(u.shape[len(order.shape) - 1 : -1])
+    layer_shape, out_modes = tuple(perm.shape[:-1]), tuple(u.shape[len(perm.shape) - 1 : -1])
     n = math.prod(layer_shape)
     u = u.reshape(n, math.prod(out_modes), k)
-    coef, order = coef.reshape(n, k, coef.shape[-1]), order.reshape(n, order.shape[-1])
+    coef, perm = coef.reshape(n, k, coef.shape[-1]), perm.reshape(n, perm.shape[-1])
     out = []
-    for ui, ci, oi in zip(u, coef, order, strict=True):
-        perm = torch.argsort(oi)
-        v = torch.zeros(k, oi.numel(), dtype=ci.dtype)
-        for j in range(oi.numel()):
-            v[:, perm[j]] = torch.eye(k, dtype=ci.dtype)[:, j] if j < k else ci[:, j - k]
+    for ui, ci, pi in zip(u, coef, perm, strict=True):
+        v = torch.zeros(k, pi.numel(), dtype=ci.dtype)
+        for j in range(pi.numel()):
+            v[:, pi[j]] = torch.eye(k, dtype=ci.dtype)[:, j] if j < k else ci[:, j - k]
         out.append(ui @ v)
     return torch.stack(out).reshape(*layer_shape, *out_modes, *in_modes)
 
@@ -81,7 +80,7 @@ def dense_tensor(fmt: str, factors: list[Tensor], n_layer_modes: int, tensor=Non
     """The full tensor of ``factors`` in format ``fmt`` (layer modes first); ``tensor``: the
     format module, for what lowrank keeps beside its factors (the permutation)."""
     if fmt == "lowrank":
-        return lowrank_dense(factors[0], factors[1], tensor.order, tensor.in_modes)
+        return lowrank_dense(factors[0], factors[1], tensor.perm, tensor.in_modes)
     if fmt == "cp":
         return cp_dense(factors[0], list(factors[1:]))
     if fmt == "tucker":

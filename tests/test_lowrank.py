@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from reference import dense_weight
 
 from tensorfold.convert.planner import _allocate
 from tensorfold.errors import RankError
@@ -48,13 +49,12 @@ def test_fit_matches_truncated_svd_in_float64():
 def test_gauge_fixed_is_exact_and_has_identity_columns(m):
     torch.manual_seed(1)
     left, right = torch.randn(12, m, dtype=torch.float64), torch.randn(m, 16, dtype=torch.float64)
-    u, coef, order = gauge_fixed(left, right, 7)
-    v = torch.cat([torch.eye(7, dtype=torch.float64), coef], 1)[:, order]
+    u, coef, perm = gauge_fixed(left, right, 7)
+    v = torch.cat([torch.eye(7, dtype=torch.float64), coef], 1)[:, torch.argsort(perm)]
     torch.testing.assert_close(u @ v, left @ right, atol=1e-10, rtol=0)
     # The pivot columns of V are the identity's, and the pivoting keeps the rest bounded.
-    perm = torch.argsort(order)
     assert torch.equal(v[:, perm[:7]], torch.eye(7, dtype=v.dtype))
-    assert sorted(order.tolist()) == list(range(16))
+    assert sorted(perm.tolist()) == list(range(16))
     assert coef.abs().max() < 10
 
 
@@ -77,7 +77,7 @@ def test_layer_forward_and_gradients_match_dense_float64():
     grad = torch.randn_like(y)
     gx, gu, gc = torch.autograd.grad(y, (x, *layer.weight.factors), grad)
     u, c = layer.weight.factors
-    order = layer.weight.order
+    order = torch.argsort(layer.weight.perm)
 
     def dense(u, c):
         v = torch.cat([torch.eye(5, dtype=c.dtype), c], 1)[:, order]
@@ -92,7 +92,7 @@ def test_layer_forward_and_gradients_match_dense_float64():
 def test_state_dict_carries_the_permutation():
     a = LowRank((12,), (16,), rank=4)
     a.fit_(torch.randn(12, 16))
-    assert a.order.tolist() != list(range(16))
+    assert a.perm.tolist() != list(range(16))
     b = LowRank((12,), (16,), rank=4)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b.to_matrix(), a.to_matrix())
@@ -103,7 +103,7 @@ def test_int8_storage_keeps_the_permutation_and_is_close():
     t.fit_(torch.randn(32, 40))
     before = t.to_matrix().detach()
     t.quantize_()
-    assert t.factors[0].dtype == torch.int8 and t.order.dtype == torch.int64
+    assert t.factors[0].dtype == torch.int8 and t.perm.dtype == torch.int64
     assert float((t.to_matrix() - before).abs().max()) < 0.02 * float(before.abs().max())
 
 
@@ -143,3 +143,36 @@ def test_allocation_with_gauge_costs_spends_the_budget_on_larger_ranks():
         for n, s in gauge.items()
     }
     assert sum(rank_gauge.values()) > sum(rank_pair.values())
+
+
+@pytest.mark.parametrize("implementation", ["factorized", "auto", "reconstructed"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_every_path_computes_the_reference(implementation, n_layers, checkpointing):
+    torch.manual_seed(4)
+    layer = FactorizedLinear(
+        20, 12, factorization="lowrank", rank=4, n_layers=n_layers, dtype=torch.float64,
+        implementation=implementation, checkpointing=checkpointing,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.weight.fit_(torch.randn(*layer.layer_shape, 12, 20, dtype=torch.float64))
+    x = torch.randn(2, 3, 20, dtype=torch.float64, requires_grad=True)
+    idx = n_layers - 1
+    w = dense_weight(layer, (idx,) if n_layers > 1 else ())
+    bias = layer.bias[idx] if n_layers > 1 else layer.bias
+    y = layer(x, idx)
+    torch.testing.assert_close(y, x @ w.T + bias)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    torch.testing.assert_close(gx, (2 * (x @ w.T + bias)) @ w)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, idx), x @ w.T + bias)
+    assert (layer.explain(x, idx).path == "format") == (implementation != "reconstructed")
+
+
+def test_int8_layer_runs_its_own_path_on_the_dequantized_factors():
+    layer = FactorizedLinear(40, 32, factorization="lowrank", rank=8)
+    layer.weight.fit_(torch.randn(32, 40))
+    layer.weight.quantize_()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight.to_matrix().T + layer.bias)

@@ -77,7 +77,7 @@ def names() -> tuple[str, ...]:
 
     Example:
         >>> names()
-        ('cp', 'tucker', 'tt', 'ttm')
+        ('cp', 'tucker', 'tt', 'ttm', 'lowrank')
     """
     builtin = tuple(n for n in get_args(FormatName) if n in FORMATS)
     return builtin + tuple(n for n in FORMATS if n not in builtin)
@@ -234,6 +234,11 @@ class FactorizedTensor(nn.Module):
     def _init_buffers(self) -> None:
         """Register the format's buffers (called once the factors exist); none by default."""
 
+    def linear(self, x: Tensor, indices: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
+        """``x W^T + bias`` for layer ``indices`` by the format's own computation, where it
+        has one that beats contracting its network (``None``: it has none, the default)."""
+        return None
+
     def values_of(self, stored: Sequence[Tensor]) -> list[Tensor]:
         """The factors the network contracts, from the stored ones (in the working dtype);
         the stored ones themselves unless the format :attr:`builds_values`."""
@@ -382,11 +387,16 @@ class FactorizedTensor(nn.Module):
         quantized)."""
         # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
         # factor on the hot path); its _parameters dict holds them in index order.
+        stored = self._stored_values()
+        return self.values_of(stored) if self.builds_values else stored
+
+    def _stored_values(self) -> list[Tensor]:
+        """The stored factors in the working dtype (dequantized where int8)."""
         factors = cast("Iterable[Tensor]", self.factors._parameters.values())
-        if self.quantized:
-            scales = [self._buffers[f"scale_{k}"] for k in range(len(self.factors))]
-            factors = [dequantize(q, s) for q, s in zip(factors, scales, strict=True)]  # type: ignore[arg-type]
-        return self.values_of(list(factors)) if self.builds_values else list(factors)
+        if not self.quantized:
+            return list(factors)
+        scales = [self._buffers[f"scale_{k}"] for k in range(len(self.factors))]
+        return [dequantize(q, s) for q, s in zip(factors, scales, strict=True)]  # type: ignore[arg-type]
 
     def reset_parameters(
         self, std: float | None = None, generator: torch.Generator | None = None

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import RankError
@@ -26,11 +27,11 @@ def gauge_count(rank: int, out_f: int, in_f: int) -> int:
 
 
 def gauge_fixed(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(U, C, order)`` with ``U @ cat([I, C], 1)[:, order] == left @ right``.
+    """``(U, C, perm)`` with ``U @ V == left @ right``, where column ``perm[j]`` of ``V`` is
+    column ``j`` of ``cat([I, C], 1)`` (the ``rank`` pivot columns first).
 
     ``left (out, m)``, ``right (m, in)`` with ``m <= rank <= min(out, in)``; computed in
-    float64. ``order`` is the inverse of the column permutation that puts the ``rank``
-    pivot columns first.
+    float64.
     """
     left, right = left.double(), right.double()
     m, n = right.shape
@@ -49,18 +50,19 @@ def gauge_fixed(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor,
     perm_t = torch.tensor(perm, device=right.device)
     block = basis[:, perm_t[:rank]]  # (rank, rank), invertible
     coef = torch.linalg.solve(block, basis[:, perm_t[rank:]])
-    return lift @ block, coef, torch.argsort(perm_t)
+    return lift @ block, coef, perm_t
 
 
 @register
 class LowRankTensor(FactorizedTensor):
     """Low rank in a gauge-fixed form, per layer ``W = U [I C] P`` (``P`` a permutation of
     the input features). Parameters: ``U (*layer_shape, *out_modes, k)`` and
-    ``C (*layer_shape, k, in_features - k)``; buffer ``order`` (the permutation, per layer).
+    ``C (*layer_shape, k, in_features - k)``; buffer ``perm`` (the permutation, per layer).
     ``rank`` is the int ``k <= min(out_features, in_features)``; a layer holds
     ``k (out_features + in_features - k)`` numbers, so at full rank exactly the dense count.
-    The factors the network contracts are ``U`` and ``V = [I C] P``, built from ``C`` at
-    every call."""
+    The factors the network contracts are ``U`` and ``V = [I C] P``, built from ``C``; a
+    layer's own forward (:meth:`linear`) builds nothing: ``x P^T = [x_1 x_2]`` is one
+    gather of the input, and ``x V^T = x_1 + x_2 C^T``."""
 
     name = "lowrank"
     aliases = ("low-rank", "gauge-fixed")
@@ -103,8 +105,8 @@ class LowRankTensor(FactorizedTensor):
 
     def _init_buffers(self) -> None:
         in_f = math.prod(self.in_modes)
-        order = torch.arange(in_f, device=self.factors[0].device)
-        self.register_buffer("order", order.expand(*self.layer_shape, in_f).clone())
+        perm = torch.arange(in_f, device=self.factors[0].device)
+        self.register_buffer("perm", perm.expand(*self.layer_shape, in_f).clone())
 
     def init_stds(self, target_std: float) -> list[float | None]:
         # W's entries are a column of U (fixed columns) or k products u c (the others):
@@ -115,23 +117,41 @@ class LowRankTensor(FactorizedTensor):
         self, std: float | None = None, generator: torch.Generator | None = None
     ) -> None:
         super().reset_parameters(std, generator)
-        order = self._buffers["order"]
-        assert order is not None  # registered in __init__
-        order.copy_(torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        perm = self._perm()
+        perm.copy_(torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
+
+    def _perm(self) -> Tensor:
+        perm = self._buffers["perm"]
+        assert perm is not None  # registered in __init__
+        return perm
 
     def values_of(self, stored: Sequence[Tensor]) -> list[Tensor]:
         """``U`` and ``V = [I C] P`` from the stored ``U`` and ``C``."""
         u, coef = stored
-        order = self._buffers["order"]
-        assert order is not None  # registered in __init__
+        perm = self._perm()
         k = int(self.rank)
         eye = torch.eye(k, dtype=coef.dtype, device=coef.device).expand(*coef.shape[:-1], k)
         full = torch.cat([eye, coef], dim=-1)
         if self.layer_shape:
-            v = full.gather(-1, order.unsqueeze(-2).expand(*full.shape))
+            v = full.new_zeros(full.shape).scatter(-1, perm.unsqueeze(-2).expand_as(full), full)
         else:
-            v = full.index_select(-1, order)
+            v = full.new_zeros(full.shape).index_copy(-1, perm, full)
         return [u, v.reshape(*v.shape[:-1], *self.in_modes)]
+
+    def linear(self, x: Tensor, indices: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
+        """``x W^T + bias`` for one layer without building ``V``: gather, then two GEMMs."""
+        u, coef = self._stored(indices)
+        perm = self._perm()[indices] if indices else self._perm()
+        k = int(self.rank)
+        rows = x.reshape(-1, x.shape[-1]).index_select(-1, perm)
+        inner = torch.addmm(rows[:, :k], rows[:, k:], coef.T)
+        out = F.linear(inner, u.reshape(-1, k), bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _stored(self, indices: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """One layer's ``U`` and ``C`` in the working dtype (dequantized where int8)."""
+        u, coef = self._stored_values()
+        return (u[indices], coef[indices]) if indices else (u, coef)
 
     def fit_(self, tensor: Tensor, **options: Any) -> float:
         from ..decompose._common import prepare
@@ -141,15 +161,15 @@ class LowRankTensor(FactorizedTensor):
         prepare(dense, torch.float64)  # refuses what no decomposition takes (NaN, Inf)
         out_f, in_f, k = math.prod(self.out_modes), math.prod(self.in_modes), int(self.rank)
         matrices = dense.reshape(-1, out_f, in_f).double()
-        us, coefs, orders = [], [], []
+        us, coefs, perms = [], [], []
         for w in matrices:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             left, right = u[:, :k] * s[:k], vh[:k]
-            uk, ck, ok = gauge_fixed(left, right, k)
+            uk, ck, pk = gauge_fixed(left, right, k)
             us.append(uk)
             coefs.append(ck)
-            orders.append(ok)
-        self._write(torch.stack(us), torch.stack(coefs), torch.stack(orders))
+            perms.append(pk)
+        self._write(torch.stack(us), torch.stack(coefs), torch.stack(perms))
         with torch.no_grad():
             rebuilt = self.to_tensor().double().reshape(matrices.shape)
         return float((rebuilt - matrices).norm() / matrices.norm().clamp_min(1e-300))
@@ -159,11 +179,10 @@ class LowRankTensor(FactorizedTensor):
         return None if self.layer_shape else int(self.rank)
 
     def _assign_low_rank(self, left: Tensor, right: Tensor, capacity: int) -> None:
-        u, coef, order = gauge_fixed(left, right, capacity)
-        self._write(u, coef, order)
+        u, coef, perm = gauge_fixed(left, right, capacity)
+        self._write(u, coef, perm)
 
-    def _write(self, u: Tensor, coef: Tensor, order: Tensor) -> None:
-        target = self._buffers["order"]
-        assert target is not None  # registered in __init__
-        target.copy_(order.reshape(target.shape))
+    def _write(self, u: Tensor, coef: Tensor, perm: Tensor) -> None:
+        target = self._perm()
+        target.copy_(perm.reshape(target.shape))
         self.copy_factors_([u, coef])

@@ -83,6 +83,9 @@ class Decision:
     measured: dict[str, float] | None = None
 
 
+OWN_PATH = "format"  # Explanation.path where the format's own computation runs
+
+
 @dataclass
 class Explanation:
     """Why a layer runs the path it runs for a batch; ``str()`` prints the answer.
@@ -96,7 +99,8 @@ class Explanation:
         choice: the model's :class:`~tensorfold.choice.Choice` (None where the
             implementation is fixed and nothing is chosen).
         measured: the timed paths where the model's answer was contested, else None.
-        path: what ``forward`` runs for this batch.
+        path: what ``forward`` runs for this batch (:data:`OWN_PATH`: the format's own
+            computation, ``FactorizedTensor.linear``).
         operand_bytes: bytes the path keeps for this layer index once it ran (0: none).
         cached_bytes: what the layer's cache holds now, all indices.
         program: the layer's :class:`~tensorfold.choice.LayerProgram` (plans and prices).
@@ -123,7 +127,9 @@ class Explanation:
             f"{self.rows} row(s) -> batch bucket {self.bucket}; {self.regime}; "
             f"implementation='{self.implementation}'; cache={self.policy!r} (may keep: {keeps})",
         ]
-        if self.choice is not None:
+        if self.path == OWN_PATH:
+            lines.append("the format computes the layer itself (FactorizedTensor.linear)")
+        elif self.choice is not None:
             lines.append(str(self.choice))
         else:
             lines.append(f"implementation='{self.implementation}' is fixed: nothing to choose")

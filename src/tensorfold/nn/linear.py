@@ -16,7 +16,7 @@ from ..errors import FactorizationError, LayerIndexError, RankError, ShapeError
 from ..formats import FactorizedTensor, FormatName, RankSpec, get_format, names
 from ..functional import Implementation, check_implementation, factorized_linear
 from ..shapes import check_modes, tensorized_shape
-from .cache import CachePolicy, Explanation, InferenceCache, check_cache
+from .cache import OWN_PATH, CachePolicy, Explanation, InferenceCache, check_cache
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
 
@@ -239,12 +239,17 @@ class FactorizedLinear(nn.Module):
                 f"but the layer has in_features={self.in_features}"
             )
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
-        if self.checkpointing and torch.is_grad_enabled() and self.implementation != "factorized":
-            # The factorized path has its own lean backward (see _forward).
+        lean = self.implementation == "factorized" and not self._own_path()
+        if self.checkpointing and torch.is_grad_enabled() and not lean:
+            # The network's factorized path has its own lean backward (see _forward).
             return checkpoint(self._forward, x, idx, bias, use_reentrant=False)
         return self._forward(x, idx, bias)
 
     def _forward(self, x: Tensor, idx: tuple[int, ...], bias: Tensor | None) -> Tensor:
+        if self._own_path():
+            out = self.weight.linear(x, idx, bias)
+            if out is not None:
+                return out
         if self.implementation != "factorized" and self._inference():
             return self.inference_cache.forward(self, x, idx, bias)
         factors = self.weight.layer_factors(idx)
@@ -256,6 +261,11 @@ class FactorizedLinear(nn.Module):
             self.implementation,
             lean_backward=self.checkpointing,
         )
+
+    def _own_path(self) -> bool:
+        """Whether the format's own computation runs (``FactorizedTensor.linear``): where
+        it has one, unless ``W`` is asked for."""
+        return self.weight.builds_values and self.implementation != "reconstructed"
 
     def _inference(self) -> bool:
         """Whether no gradient reaches the factors, so rebuilt operands may be reused."""
@@ -312,6 +322,19 @@ class FactorizedLinear(nn.Module):
             )
         rows = x.numel() // self.in_features
         factors = self.weight.layer_factors(idx)
+        if self._own_path():
+            program = layer_program(
+                self.weight.network,
+                tuple(tuple(f.shape) for f in factors),
+                batch_bucket(rows),
+                factors[0].device.type,
+                factors[0].element_size(),
+            )
+            regime = "inference" if self._inference() else "training"
+            return Explanation(
+                self.extra_repr(), rows, program.rows, regime, self.implementation,
+                self.cache, frozenset(), None, None, OWN_PATH, 0, self.cached_bytes(), program,
+            )  # fmt: skip
         bias = None if self.bias is None else (self.bias[idx] if idx else self.bias)
         inference = self.implementation != "factorized" and self._inference()
         policy = self.cache
