@@ -164,7 +164,7 @@ def fit_weight(
         if i == 0 and data_aware and fit_err < 1e-4:
             exact = True
         with torch.no_grad():
-            # The whole state: a format's buffers (lowrank's order) belong to its factors.
+            # The whole state: a format's buffers (lowrank's perm) belong to its factors.
             state = {k: v.detach().clone() for k, v in weight.state_dict().items()}
             starts.append((problem.error(weight.to_matrix()), state))
         if exact:

@@ -383,15 +383,15 @@ class FactorizedTensor(nn.Module):
             self.register_buffer(f"scale_{k}", scale)
 
     def _values(self) -> list[Tensor]:
-        """Every factor's values in the working dtype (the parameters themselves unless
-        quantized)."""
-        # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
-        # factor on the hot path); its _parameters dict holds them in index order.
+        """Every factor the network contracts, in the working dtype (the parameters
+        themselves unless quantized or built by the format, see :meth:`values_of`)."""
         stored = self._stored_values()
         return self.values_of(stored) if self.builds_values else stored
 
     def _stored_values(self) -> list[Tensor]:
         """The stored factors in the working dtype (dequantized where int8)."""
+        # ParameterList's __getitem__ goes through getattr and string keys (~3 us per
+        # factor on the hot path); its _parameters dict holds them in index order.
         factors = cast("Iterable[Tensor]", self.factors._parameters.values())
         if not self.quantized:
             return list(factors)
