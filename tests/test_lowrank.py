@@ -176,3 +176,22 @@ def test_int8_layer_runs_its_own_path_on_the_dequantized_factors():
     x = torch.randn(5, 40)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ layer.weight.to_matrix().T + layer.bias)
+
+
+def test_int8_lowrank_model_saves_and_loads_with_its_permutation(tmp_path):
+    import tensorfold
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    batches = [torch.randn(128, 96) for _ in range(2)]
+    tensorfold.tensorize(
+        net, budget=0.5, factorization="lowrank", calibration=batches, targets="0", progress=False
+    )
+    tensorfold.quantize_factors(net)
+    assert net[0].weight.perm.tolist() != list(range(96))
+    tensorfold.save(net, tmp_path / "m.safetensors")
+    fresh = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    tensorfold.load(tmp_path / "m.safetensors", fresh)
+    assert torch.equal(fresh[0].weight.perm, net[0].weight.perm)
+    with torch.no_grad():
+        assert torch.equal(fresh(batches[0]), net(batches[0]))
