@@ -21,7 +21,10 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +34,8 @@ from tensorfold.formats import names
 from tensorfold.pretrained import CompressConfig, compress
 from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences
 from tensorfold.pretrained.metrics import fidelity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
 
 
 def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **kw: object) -> dict:
@@ -97,20 +102,13 @@ def one(budget: float, fmt: str, distill_steps: int, n_cal: int, refine: int, **
     }
 
 
-def svdllm(budgets: list[float], n_cal: int) -> list[dict]:
-    """SVD-LLM-style rows (``svdllm_baseline.py``: whitened truncation and the closed-form
-    update, uniform and global ranks) on the pipeline's own split: the same calibration
-    sentences, held-out and other-source sets as the tensorfold runs."""
-    import sys
-    from pathlib import Path
-
+def _pipeline_split(n_cal: int) -> tuple[Any, Any, list[Any], dict[str, list[Any]], list[str]]:
+    """The pipeline's own split for the baselines: teacher, task, calibration batches,
+    evaluation batches (held-out and other source) and the encoder's linear layers."""
     from tensorfold.convert._util import match_modules
     from tensorfold.pretrained import models
     from tensorfold.pretrained.pipeline import _other_source, _split_data
     from tensorfold.pretrained.tasks import task_for
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from svdllm_baseline import svdllm_compress, whiten
 
     config = CompressConfig(
         model_dir=demo.model_directory(),
@@ -125,8 +123,32 @@ def svdllm(budgets: list[float], n_cal: int) -> list[dict]:
     cal = task.batches(parts.calibration)
     evals = {"final": task.batches(parts.evaluation)}
     evals["final_other"] = task.batches(_other_source(task, len(parts.evaluation)))
-    teacher = loaded.model
-    names = match_modules(teacher, [demo.ENCODER_TARGETS], None)
+    names = match_modules(loaded.model, [demo.ENCODER_TARGETS], None)
+    return loaded.model, task, cal, evals, names
+
+
+def _baseline_row(budget: float, label: str, kept: float, seconds: float, fid: dict) -> dict:
+    row = {
+        "budget": budget,
+        "format": label,
+        "kept": kept,
+        "seconds": seconds,
+        "distill_steps": 0,
+        "layerwise": fid["final"],
+        "layerwise_other": fid["final_other"],
+        **fid,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def svdllm(budgets: list[float], n_cal: int) -> list[dict]:
+    """SVD-LLM-style rows (``svdllm_baseline.py``: whitened truncation and the closed-form
+    update, uniform and global ranks) on the pipeline's own split: the same calibration
+    sentences, held-out and other-source sets as the tensorfold runs."""
+    from svdllm_baseline import svdllm_compress, whiten
+
+    teacher, task, cal, evals, names = _pipeline_split(n_cal)
     whitened = whiten(teacher, names, cal, task.forward)
     rows = []
     for budget in budgets:
@@ -135,26 +157,45 @@ def svdllm(budgets: list[float], n_cal: int) -> list[dict]:
                 teacher, names, cal, budget, allocation, True, task.forward, whitened
             )
             fid = {k: vars(task.evaluate(student, teacher, b)) for k, b in evals.items()}
+            # rep.seconds includes the shared whitening
             rows.append(
-                {
-                    "budget": budget,
-                    "format": f"baseline SVD-LLM {allocation}",
-                    "kept": rep.kept,
-                    "seconds": rep.seconds,  # the shared whitening included
-                    "distill_steps": 0,
-                    "layerwise": fid["final"],
-                    "layerwise_other": fid["final_other"],
-                    **fid,
-                }
+                _baseline_row(budget, f"baseline SVD-LLM {allocation}", rep.kept, rep.seconds, fid)
             )
-            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def sharing(
+    budgets: list[float], n_cal: int, group_sizes: list[int], forms: list[str]
+) -> list[dict]:
+    """Cross-layer sharing rows (``basis_sharing.py``) on the pipeline's own split, with the
+    per-layer form of the same code at the same parameter count first."""
+    from basis_sharing import distinct_weight_params, share_compress
+
+    teacher, task, cal, evals, names = _pipeline_split(n_cal)
+    rows = []
+    for budget in budgets:
+        runs = [("layer", 1)] + [(f, g) for g in group_sizes for f in forms if f != "layer"]
+        for form, group in runs:
+            student, rep = share_compress(
+                teacher, names, cal, budget, form, group, True, task.forward
+            )
+            kept = distinct_weight_params(student, names) / rep.params_before
+            fid = {k: vars(task.evaluate(student, teacher, b)) for k, b in evals.items()}
+            chosen = sorted({f for _, f, _ in rep.groups})
+            label = f"sharing {form}, groups of {group}"
+            if form == "layer":
+                label = "whitened SVD per layer"
+            row = _baseline_row(budget, label, kept, rep.seconds, fid)
+            row["forms_chosen"] = chosen
+            row["whitened_error"] = sum(e for _, _, e in rep.groups) / len(rep.groups)
+            rows.append(row)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--formats", nargs="+", default=[*names(), "auto"])
+    p.add_argument("--formats", nargs="*", default=[*names(), "auto"])
     p.add_argument("--distill-steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument(
@@ -167,6 +208,11 @@ def main() -> None:
         "--svdllm", action="store_true", help="SVD-LLM-style rows on the pipeline's own split"
     )
     p.add_argument(
+        "--sharing", action="store_true", help="cross-layer sharing rows (basis_sharing.py)"
+    )
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[2, 6])
+    p.add_argument("--sharing-forms", nargs="+", default=["input", "output", "tucker2", "best"])
+    p.add_argument(
         "--out", default=None, help="results .json (a .md table and a .png plot beside it)"
     )
     a = p.parse_args()
@@ -175,6 +221,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     results = svdllm(a.budgets, a.calibration_sentences) if a.svdllm else []
+    if a.sharing:
+        results += sharing(a.budgets, a.calibration_sentences, a.group_sizes, a.sharing_forms)
     for budget in a.budgets:
         runs = [("svd", None), ("activation-aware svd", None)] if a.baselines else []
         for name, _ in runs:
@@ -239,7 +287,8 @@ def markdown(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    """Mean cosine per format, one panel per budget: after layer-wise fitting and final."""
+    """Mean cosine per format, one panel per budget: after layer-wise fitting and final (for
+    training-free rows: on held-out and on other-source text)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,15 +299,17 @@ def plot(results: list[dict], path: str) -> None:
     for ax, budget in zip(axes[0], budgets, strict=False):
         rows = [r for r in results if r["budget"] == budget]
         x = range(len(rows))
-        ax.bar(
-            [i - 0.2 for i in x],
-            [r["layerwise"]["mean_cosine"] for r in rows],
-            0.4,
-            label="layer-wise fit",
+        # Training-free rows only: the two evaluation sets instead of two equal stages.
+        fit_only = all(r.get("distill_steps", 0) == 0 and "final_other" in r for r in rows)
+        series = (
+            [("final", "held-out (same sources)"), ("final_other", "other source")]
+            if fit_only
+            else [("layerwise", "layer-wise fit"), ("final", "final")]
         )
-        ax.bar([i + 0.2 for i in x], [r["final"]["mean_cosine"] for r in rows], 0.4, label="final")
+        for offset, (key, label) in zip((-0.2, 0.2), series, strict=True):
+            ax.bar([i + offset for i in x], [r[key]["mean_cosine"] for r in rows], 0.4, label=label)
         ax.set_xticks(list(x))
-        ax.set_xticklabels([r["format"] for r in rows], rotation=30, fontsize=8)
+        ax.set_xticklabels([r["format"] for r in rows], rotation=30, fontsize=8, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"{100 * budget:.0f}% of the linear parameters")
         ax.set_ylabel("mean cosine to the original embeddings")
