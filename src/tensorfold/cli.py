@@ -113,7 +113,7 @@ def _add_job_options(
     p.add_argument(
         "--factorization",
         default="auto",
-        help="cp, tucker, tt, ttm, lowrank or auto (per layer the lowest calibrated error)",
+        help="lowrank, cp, tucker, tt, ttm or auto (the default: lowrank)",
     )
     p.add_argument(
         "--distill-steps", type=int, default=distill_steps, help="most distillation steps (0: none)"

@@ -165,6 +165,13 @@ def test_auto_picks_the_lowest_error_format_per_layer() -> None:
         assert lp.candidates[lp.factorization] == min(lp.candidates.values())
 
 
+def test_the_api_default_is_the_clis_auto_with_or_without_calibration() -> None:
+    for data in (None, calib(2)):
+        p = plan(tiny(), budget=0.5, calibration=data)
+        assert {lp.factorization for lp in p.layers} == {"lowrank"}
+        assert abs(p.kept - 0.5) <= 0.02 * 0.5
+
+
 def test_auto_is_lowrank_by_default_and_compares_the_candidates_given() -> None:
     p = plan(tiny(), budget=0.5, factorization="auto", calibration=calib(2))
     assert {lp.factorization for lp in p.layers} == {"lowrank"}

@@ -88,8 +88,9 @@ class PlanOptions(_Options):
     Attributes:
         budget: fraction in (0, 1] of the matched layers' weight parameters to keep, met
             within 2% overall. ``None`` uses ``rank`` for every layer instead.
-        factorization: a format name (``tensorfold.formats.names()``) or ``'auto'`` (per
-            layer the candidate with the lowest calibrated error at the layer's share).
+        factorization: a format name (``tensorfold.formats.names()``) or ``'auto'`` (the
+            default: per layer the candidate with the lowest calibrated error at the layer's
+            share; with the default candidates, ``'lowrank'`` everywhere).
         targets: glob pattern(s) on full module names (``*`` crosses dots); ``None`` matches
             every ``nn.Linear`` (and ``Conv1D``) but a model's output head.
         exclude: glob pattern(s); matching modules are never converted.
@@ -102,7 +103,7 @@ class PlanOptions(_Options):
     """
 
     budget: float | None = 0.5
-    factorization: str = "tt"
+    factorization: str = "auto"
     targets: str | Sequence[str] | None = None
     exclude: str | Sequence[str] | None = None
     rank: Any = None
