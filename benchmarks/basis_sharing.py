@@ -38,7 +38,6 @@ references in a few seconds; ``compress_minilm.py --sharing`` runs it on MiniLM.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import re
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from svdllm_baseline import _dense, _groups, cholesky_with_ridge, refit_up
+from svdllm_baseline import _dense, _groups, check_cli, cholesky_with_ridge, refit_up
 from torch import Tensor, nn
 
 from tensorfold.convert._util import ForwardFn, call_model, set_module
@@ -431,14 +430,7 @@ def _check() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="run the float64 self-checks")
-    args = ap.parse_args(argv)
-    if args.check:
-        _check()
-    else:
-        ap.print_help()
-    return 0
+    return check_cli(__doc__ or "", _check, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import argparse
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,15 +371,20 @@ def _check() -> None:
     print("svdllm_baseline checks passed")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def check_cli(doc: str, check: Callable[[], None], argv: list[str] | None) -> int:
+    """``--check`` runs ``check``; anything else prints the help (shared by the baselines)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="run the float64 self-checks")
     args = ap.parse_args(argv)
     if args.check:
-        _check()
+        check()
     else:
         ap.print_help()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return check_cli(__doc__ or "", _check, argv)
 
 
 if __name__ == "__main__":
