@@ -8,8 +8,9 @@ GPT-2 ``Conv1D`` layers; ``llama-small-tf``: Llama with grouped-query attention 
 MLP) and each budget (fraction of the transformer blocks' linear weight parameters kept):
 
 * **tensorfold** -- ``tensorfold.pretrained.compress(CompressConfig(...))``, the pipeline
-  ``tensorfold compress`` runs, on the bundled Python-documentation corpus (one of the
-  LMs' two training sources), ``factorization='auto'``. *training-free* is its quality
+  ``tensorfold compress`` runs, on the pipeline's default text (the Python documentation,
+  the machine's man pages and its GNU info manuals; the LMs were trained on the first two),
+  ``factorization='auto'``. *training-free* is its quality
   after layer-wise fitting (``result.before_distill``: calibration, planning, sequential
   fitting and L-BFGS refinement, no training; the same figures a ``distill_steps=0`` run
   gives, since the calibration and evaluation parts of the split do not depend on it),
@@ -204,7 +205,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['commit']}`; machine: {meta['machine']}; load average at start "
         f"{meta['load_start']}, at end {meta['load_end']}.  ",
-        f"Data: the bundled Python-documentation corpus in chunks of {meta['seq_len']} tokens: "
+        "Data: the pipeline's default text (Python docs, man pages, GNU info manuals) in chunks "
+        f"of {meta['seq_len']} tokens: "
         f"{meta['calibration']} calibration chunks (all methods), {meta['evaluation']} held-out "
         f"chunks; other source: the same number of chunks of "
         "`tensorfold.pretrained.other_text.other_source_documents()`. Budget: fraction of "
@@ -242,6 +244,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # The control (ratios of 100x and more) is in the tables; on the plot it would squash
+    # the methods' ratios, which sit close to 1, into one line.
+    controls = {r["model"]: r for r in rows if r["method"] == CONTROL}
+    rows = [r for r in rows if r["method"] != CONTROL]
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(SETS), len(models), figsize=(5.2 * len(models), 7), squeeze=False)
     methods = list(dict.fromkeys(_family(r["method"]) for r in rows))
@@ -261,7 +267,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.ticklabel_format(axis="y", useOffset=False)  # ratios sit close to 1
             ax.set_xlabel("linear parameters kept (fraction)")
             ax.set_ylabel(f"perplexity ratio, {name}")
-            ax.set_title(f"{model}: {name}", fontsize=10)
+            zeroed = controls.get(model)
+            note = f" (zeroed: {zeroed['eval'][name]['perplexity_ratio']:.0f}x)" if zeroed else ""
+            ax.set_title(f"{model}: {name}{note}", fontsize=10)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
