@@ -65,7 +65,8 @@ class CompressConfig:
             the system's man pages and info manuals (``bundled.bundled_sentences``).
         seq_len: tokens per sample (causal LM: chunk length; encoders: truncation).
         budget: fraction in (0, 1] of the selected linear layers' parameters to keep.
-        factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or ``'auto'``.
+        factorization: ``'lowrank'``, ``'cp'``, ``'tucker'``, ``'tt'``, ``'ttm'`` or
+            ``'auto'`` (the default: ``'lowrank'`` in every layer).
         targets, exclude: glob patterns of module names (``tensorfold.plan``'s rule);
             ``targets=None``: the linear layers of the transformer blocks (attention and
             MLP projections; never embeddings or the output head).
