@@ -139,15 +139,12 @@ class LowRankTensor(FactorizedTensor):
         return [u, v.reshape(*v.shape[:-1], *self.in_modes)]
 
     def linear(self, x: Tensor, indices: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
-        """``x W^T + bias`` for one layer without building ``V``: gathers, then two GEMMs."""
+        """``x W^T + bias`` for one layer without building ``V``: gather, then two GEMMs."""
         u, coef = self._stored(indices)
         perm = self._perm()[indices] if indices else self._perm()
         k = int(self.rank)
-        rows = x.reshape(-1, x.shape[-1])
-        # Two contiguous gathers: addmm on strided slices of one gather is slower at few rows.
-        inner = torch.addmm(
-            rows.index_select(-1, perm[:k]), rows.index_select(-1, perm[k:]), coef.T
-        )
+        rows = x.reshape(-1, x.shape[-1]).index_select(-1, perm)
+        inner = torch.addmm(rows[:, :k], rows[:, k:], coef.T)
         out = F.linear(inner, u.reshape(-1, k), bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
