@@ -169,15 +169,16 @@ def sharing(
 ) -> list[dict]:
     """Cross-layer sharing rows (``basis_sharing.py``) on the pipeline's own split, with the
     per-layer form of the same code at the same parameter count first."""
-    from basis_sharing import distinct_weight_params, share_compress
+    from basis_sharing import distinct_weight_params, original_statistics, share_compress
 
     teacher, task, cal, evals, names = _pipeline_split(n_cal)
+    stats = original_statistics(teacher, names, cal, task.forward)  # the same for every run
     rows = []
     for budget in budgets:
         runs = [("layer", 1)] + [(f, g) for g in group_sizes for f in forms if f != "layer"]
         for form, group in runs:
             student, rep = share_compress(
-                teacher, names, cal, budget, form, group, True, task.forward
+                teacher, names, cal, budget, form, group, True, task.forward, stats
             )
             kept = distinct_weight_params(student, names) / rep.params_before
             fid = {k: vars(task.evaluate(student, teacher, b)) for k, b in evals.items()}
