@@ -101,6 +101,14 @@ def _seconds(text: str) -> float | None:
     return None if value == 0 else value
 
 
+def _multiple(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    return None if value == 0 else value
+
+
 def _add_job_options(
     p: argparse.ArgumentParser, time_limit: float | None, distill_steps: int
 ) -> None:
@@ -153,6 +161,14 @@ def _add_job_options(
         action="store_true",
         help="recompute each block's activations in distillation's backward pass instead "
         "of keeping them: less memory, about a third more time per step",
+    )
+    p.add_argument(
+        "--activation-memory",
+        type=_multiple,
+        default=1.0,
+        help="most activation bytes one distillation forward keeps, as a multiple of the "
+        "model's bytes: larger batches run in chunks whose gradients add up (default 1; "
+        "0: no bound)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and order")
     p.add_argument(

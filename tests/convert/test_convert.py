@@ -367,6 +367,82 @@ def test_distill_with_checkpointed_blocks_is_the_same_run() -> None:
         tensorfold.convert.distill(student, teacher, calib(1), checkpoint_blocks="yes")
 
 
+def test_distill_splits_batches_above_the_activation_limit_with_the_same_gradients() -> None:
+    teacher = Tiny(n=3)
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    data = calib(3)
+    # Rows enter in equal numbers of elements, so a mean over rows splits exactly.
+    per_row_mean = lambda s, t, b: (s - t).square().mean()  # noqa: E731
+    # The activations of one forward on a whole batch, counted independently.
+    kept: dict[int, int] = {}
+    own = {p.untyped_storage().data_ptr() for p in student.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        student(data[0])
+    whole = sum(kept.values())
+    runs = []
+    for limit in (None, whole // 3):
+        s = copy.deepcopy(student)
+        rows: list[int] = []
+
+        def forward(m: nn.Module, b: torch.Tensor, rows: list[int] = rows) -> torch.Tensor:
+            if m is not teacher:
+                rows.append(len(b))
+            return m(b)
+
+        losses = tensorfold.convert.distill(
+            s,
+            teacher,
+            data,
+            steps=5,
+            lr=3e-3,
+            progress=False,
+            loss_fn=per_row_mean,
+            forward=forward,
+            activation_bytes=limit,
+        )
+        runs.append((losses, s.state_dict(), rows))
+    (plain, plain_state, plain_rows), (split, split_state, split_rows) = runs
+    assert set(plain_rows) == {32}
+    # One measuring forward on an eighth of the largest batch, then chunks of at most a
+    # third of each batch.
+    assert split_rows[0] == 4 and 1 < max(split_rows[1:]) <= 32 // 3 + 1
+    assert sum(split_rows[1:]) == 32 * 5
+    torch.testing.assert_close(torch.tensor(split), torch.tensor(plain))
+    for k in plain_state:
+        torch.testing.assert_close(split_state[k], plain_state[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConversionError, match=r"activation_bytes=0 must be an int >= 1"):
+        tensorfold.convert.distill(student, teacher, data, activation_bytes=0)
+
+
+def test_measuring_the_activations_leaves_no_graph_alive() -> None:
+    import gc
+
+    from tensorfold.convert.distill import _saved_bytes
+
+    model = Tiny(n=3)
+    batch = calib(1)[0]
+
+    def graphs() -> int:
+        gc.collect()
+        return sum(
+            1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None
+        )
+
+    before = graphs()
+    # softmax and tanh save their own outputs: the case that makes reference cycles.
+    saved = _saved_bytes(model, lambda m, b: m(b).softmax(-1).tanh(), batch)
+    # gelu's input and the norms' inputs at least: each (32, d) float32 or wider.
+    assert saved >= 3 * 32 * 24 * 4
+    assert graphs() == before
+
+
 def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> None:
     teacher = tiny()
     student = copy.deepcopy(teacher)

@@ -251,6 +251,7 @@ def test_budget_is_rejected_before_anything_loads(
         ("bad-dtype", "dtype='float16' must be one of float32, bfloat16"),
         ("bad-factor-dtype", "factor_dtype='int4' is not one of 'int8'"),
         ("no-stack", "checkpoint_blocks=True: the compressed layers do not sit in a stack"),
+        ("bad-activation-memory", "activation_memory=-1.0 must be a multiple of the model's"),
     ],
 )
 def test_bad_input_fails_at_once_with_one_line(
@@ -301,6 +302,8 @@ def test_bad_input_fails_at_once_with_one_line(
         extra += ["--factor-dtype", "int4"]
     elif case == "no-stack":
         extra += ["--checkpoint-blocks", "--targets", "lm_head"]
+    elif case == "bad-activation-memory":
+        extra += ["--activation-memory", "-1"]
     before = sorted(p.name for p in tmp_path.iterdir())
     err = _cli_error(
         [
@@ -336,6 +339,32 @@ def test_checkpointed_blocks_distil_the_same_student(
         runs[0].student.state_dict().items(), runs[1].student.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("multiple", [1.0, 0.25, None])
+def test_activation_memory_bounds_distillation_by_the_models_bytes(
+    multiple: float | None,
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.pretrained import pipeline
+
+    given: list[object] = []
+    real = pipeline.distill
+
+    def spy(*args: object, **kwargs: object) -> list[float]:
+        given.append(args[3])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "distill", spy)
+    config = _config(tiny_model("llama"), None, text_file, activation_memory=multiple)
+    r = compress(config, print_fn=lambda s: None)
+    model_bytes = sum(p.numel() * p.element_size() for p in r.teacher.parameters())
+    (options,) = given
+    expected = None if multiple is None else int(multiple * model_bytes)
+    assert options.activation_bytes == expected  # type: ignore[attr-defined]
+    assert r.distill_steps_done > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -71,6 +71,23 @@ def tensors_of(output: Any) -> list[Tensor]:
     return []
 
 
+def _first_tensor(batch: Any) -> Tensor | None:
+    return next(iter(tensors_of(dict(batch) if isinstance(batch, Mapping) else batch)), None)
+
+
+def batch_rows(batch: Any) -> int:
+    """The length of the first dimension of a batch's first tensor (0: none)."""
+    first = _first_tensor(batch)
+    return 0 if first is None or first.dim() == 0 else int(first.size(0))
+
+
+def batch_elements(batch: Any) -> int:
+    """The size of a batch's first tensor (token ids, pixels): what a forward's cost and
+    activations follow (1 if it has none)."""
+    first = _first_tensor(batch)
+    return 1 if first is None else max(1, first.numel())
+
+
 def output_tensor(output: Any) -> Tensor:
     """The tensor that stands for a model's output, used to measure fidelity.
 

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
-from ._util import as_batches, forwards_replaced, match_names, output_tensor
+from ._util import (
+    as_batches,
+    batch_elements,
+    batch_rows,
+    forwards_replaced,
+    match_names,
+    output_tensor,
+)
 from .options import DistillOptions, ModelCall, resolve
 from .replay import find_stack
 from .spill_cache import SpillCache
@@ -115,6 +122,70 @@ def _recomputed(blocks: Sequence[nn.Module]) -> contextlib.AbstractContextManage
     return forwards_replaced(blocks, make)
 
 
+def _split(batch: Any, parts: int) -> list[tuple[Any, float]]:
+    """``batch`` cut along its first dimension into ``parts`` chunks (views), each with
+    its share of the rows; tensors of another length and non-tensors are kept whole."""
+    rows = batch_rows(batch)
+    if parts <= 1 or rows <= 1:
+        return [(batch, 1.0)]
+    parts = min(parts, rows)
+
+    def cut(x: Any, a: int, b: int) -> Any:
+        if isinstance(x, Tensor):
+            return x[a:b] if x.dim() > 0 and x.size(0) == rows else x
+        if isinstance(x, Mapping):
+            return {k: cut(v, a, b) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(cut(v, a, b) for v in x)
+        return x
+
+    bounds = [rows * j // parts for j in range(parts + 1)]
+    return [(cut(batch, a, b), (b - a) / rows) for a, b in itertools.pairwise(bounds)]
+
+
+def _saved_bytes(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any) -> int:
+    """Bytes one forward of ``model`` on ``batch`` keeps for backward, its own parameters
+    and buffers not counted (each storage once)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+    held: list[Tensor] = []  # alive until the end, so that no two storages share an address
+
+    def pack(t: Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+            held.append(t)
+        # Autograd keeps nothing: t itself would tie outputs saved by their own node into
+        # reference cycles that outlive the forward. No backward runs on this graph.
+
+    def unpack(_: None) -> Tensor:  # pragma: no cover - never called
+        raise RuntimeError("the measuring forward has no backward pass")
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        forward(model, batch)
+    held.clear()
+    return sum(kept.values())
+
+
+def _pieces(
+    student: nn.Module,
+    forward: Callable[[nn.Module, Any], Any],
+    batches: list[Any],
+    activation_bytes: int | None,
+) -> list[list[tuple[Any, float]]]:
+    """Per batch, the chunks it runs in (see ``DistillOptions.activation_bytes``)."""
+    if activation_bytes is None:
+        return [[(b, 1.0)] for b in batches]
+    # Measured on an eighth of the largest batch: as many elements per row, a fraction of
+    # the memory the bound is there to avoid.
+    largest = max(batches, key=batch_elements)
+    probe = _split(largest, 8)[0][0]
+    per_element = _saved_bytes(student, forward, probe) / batch_elements(probe)
+    return [
+        _split(b, math.ceil(per_element * batch_elements(b) / activation_bytes)) for b in batches
+    ]
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -142,8 +213,8 @@ def distill(
         data: batches of model inputs, cycled in a new shuffled order each pass.
         options: a :class:`~tensorfold.convert.options.DistillOptions` (steps, lr,
             parameters, features, feature_weight, warmup, weight_decay, max_seconds,
-            cache_teacher, cache_bytes, cache_disk); its fields can also be given as keywords, which
-            override it.
+            cache_teacher, cache_bytes, cache_disk, checkpoint_blocks, activation_bytes); its
+            fields can also be given as keywords, which override it.
         loss_fn: ``loss_fn(student_out, teacher_out, batch)`` replaces the default loss.
         call: a :class:`~tensorfold.convert.options.ModelCall` (``forward``, ``output_fn``),
             also as keywords.
@@ -202,16 +273,18 @@ def distill(
             yield from torch.randperm(len(batches), generator=gen).tolist()
 
     cache = SpillCache(opts.cache_bytes, opts.cache_disk)
+    pieces: list[list[tuple[Any, float]]] = []
+    first: list[int] = []  # the cache key of each batch's first chunk
 
-    def teacher_outputs(i: int) -> tuple[Any, dict[str, Tensor]]:
-        hit = cache.get(i) if opts.cache_teacher else None
+    def teacher_outputs(key: int, chunk: Any) -> tuple[Any, dict[str, Tensor]]:
+        hit = cache.get(key) if opts.cache_teacher else None
         if hit is not None:
             return hit
         with torch.no_grad():
-            out = forward(teacher, batches[i])
+            out = forward(teacher, chunk)
             feat = t_taps.take() if t_taps else {}
         if opts.cache_teacher:
-            cache.put(i, (out, feat))
+            cache.put(key, (out, feat))
         return out, feat
 
     losses = [] if losses is None else losses
@@ -223,18 +296,26 @@ def distill(
     try:
         for p in frozen:
             p.requires_grad_(False)
+        pieces = _pieces(student, forward, batches, opts.activation_bytes)
+        if s_taps is not None:
+            s_taps.take()  # the measuring forward's features
+        first = list(itertools.accumulate((len(p) for p in pieces), initial=0))
         with torch.enable_grad(), checkpointing:
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
             for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
-                t_out, t_feat = teacher_outputs(i)
-                s_out = forward(student, batches[i])
-                loss = loss_fn(s_out, t_out, batches[i])
-                if s_taps is not None:
-                    s_feat = s_taps.take()
-                    feat = sum(relative_mse(s_feat[n], t_feat[n]) for n in names if n in t_feat)
-                    loss = loss + opts.feature_weight * feat / len(names)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total = 0.0
+                for j, (chunk, share) in enumerate(pieces[i]):
+                    t_out, t_feat = teacher_outputs(first[i] + j, chunk)
+                    s_out = forward(student, chunk)
+                    loss = loss_fn(s_out, t_out, chunk)
+                    if s_taps is not None:
+                        s_feat = s_taps.take()
+                        feat = sum(relative_mse(s_feat[n], t_feat[n]) for n in names if n in t_feat)
+                        loss = loss + opts.feature_weight * feat / len(names)
+                    (loss * share if share != 1.0 else loss).backward()
+                    total += float(loss.detach()) * share
+                    del loss, s_out
                 # The schedule follows the steps done or, with max_seconds, the time spent,
                 # whichever is further along; the run ends when either is used up.
                 done = len(losses) / max(1, steps)
@@ -245,7 +326,7 @@ def distill(
                 for group in opt.param_groups:
                     group["lr"] = lr * _lr_factor(done, opts.warmup)
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(total)
     finally:
         for taps in (s_taps, t_taps):
             if taps is not None:

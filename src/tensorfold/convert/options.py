@@ -195,6 +195,13 @@ class DistillOptions(_Options):
             ``nn.ModuleList`` holding its factorized layers) during the backward pass
             instead of keeping its activations (``torch.utils.checkpoint``): activation
             memory drops to about one block's, for roughly a third more time per step.
+        activation_bytes: the most bytes a student forward may keep for its backward pass
+            (its activations). A batch estimated above it is split along its first
+            dimension into chunks that run one after another, each chunk's loss weighted
+            by its share of the batch's rows, their gradients summed before the step: the
+            same step in expectation, less memory, a little more time. The estimate scales
+            the activation bytes one forward of the largest batch keeps by each batch's
+            elements. ``None``: batches run whole.
     """
 
     steps: int = 200
@@ -209,8 +216,18 @@ class DistillOptions(_Options):
     cache_bytes: int | None = None
     cache_disk: bool = True
     checkpoint_blocks: bool = False
+    activation_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.activation_bytes is not None and (
+            isinstance(self.activation_bytes, bool)
+            or not isinstance(self.activation_bytes, int)
+            or self.activation_bytes < 1
+        ):
+            raise ConversionError(
+                f"activation_bytes={self.activation_bytes!r} must be an int >= 1 "
+                "(or None: no limit)"
+            )
         if not isinstance(self.checkpoint_blocks, bool):
             raise ConversionError(
                 f"checkpoint_blocks={self.checkpoint_blocks!r} must be True or False"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..convert import core, planner
-from ..convert._util import match_modules
+from ..convert._util import batch_elements, match_modules
 from ..convert.distill import distill
 from ..convert.options import (
     DistillOptions,
@@ -86,6 +86,11 @@ class CompressConfig:
         checkpoint_blocks: recompute each block's activations in distillation's backward
             pass instead of keeping them (``DistillOptions.checkpoint_blocks``): less
             memory, about a third more time per step.
+        activation_memory: the most bytes of activations one distillation forward keeps
+            for its backward pass, as a multiple of the model's parameter bytes: larger
+            batches run in chunks whose gradients add up to the batch's
+            (``DistillOptions.activation_bytes``); a little slower, the same steps.
+            ``None``: no bound.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
@@ -111,6 +116,7 @@ class CompressConfig:
     refine_steps: int = 50
     factor_dtype: str | None = None
     checkpoint_blocks: bool = False
+    activation_memory: float | None = 1.0
     progress: bool = True
     seed: int = 0
 
@@ -166,6 +172,15 @@ def check_config(config: CompressConfig) -> torch.device:
     if not isinstance(config.checkpoint_blocks, bool):
         raise ConversionError(
             f"checkpoint_blocks={config.checkpoint_blocks!r} must be True or False"
+        )
+    if config.activation_memory is not None and not (
+        isinstance(config.activation_memory, (int, float))
+        and not isinstance(config.activation_memory, bool)
+        and 0 < config.activation_memory < math.inf
+    ):
+        raise ConversionError(
+            f"activation_memory={config.activation_memory!r} must be a multiple of the "
+            "model's bytes > 0 (or None: no bound)"
         )
     if config.dtype not in models.DTYPES:
         raise ConversionError(f"dtype={config.dtype!r} must be one of {', '.join(models.DTYPES)}")
@@ -232,12 +247,6 @@ def _other_source(task: ModelTask, n: int) -> list[Any] | None:
     return other_source_sentences(n) or None
 
 
-def _elements(batch: Any) -> int:
-    """The size of a batch's first tensor (token ids, pixels): what a forward's cost follows."""
-    values = batch.values() if isinstance(batch, dict) else [batch]
-    return next((max(1, v.numel()) for v in values if isinstance(v, torch.Tensor)), 1)
-
-
 def _fit_time_batches(
     task: ModelTask, teacher: nn.Module, batches: list[Any], seconds: float, n_blocks: int
 ) -> list[Any]:
@@ -249,9 +258,9 @@ def _fit_time_batches(
     start = time.perf_counter()
     with torch.no_grad():
         task.forward(teacher, probe)
-    per_element = max(time.perf_counter() - start, 1e-4) / _elements(probe)
+    per_element = max(time.perf_counter() - start, 1e-4) / batch_elements(probe)
     per_element *= 2 + 0.5 * max(n_blocks, 1)
-    total = per_element * sum(_elements(b) for b in batches)
+    total = per_element * sum(batch_elements(b) for b in batches)
     if total <= seconds:
         return batches
     keep = max(1, int(len(batches) * seconds / total))
@@ -409,6 +418,12 @@ def _distill(
         per_batch = max(1, per_batch // max(1, len(batches)))
         steps = min(steps, max(1, math.ceil(config.distill_tokens / per_batch)))
     max_seconds = None if deadline is None else max(1e-3, deadline - time.perf_counter())
+    model_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    activation_bytes = (
+        None
+        if config.activation_memory is None
+        else max(1, int(config.activation_memory * model_bytes))
+    )
     losses: list[float] = []
     try:
         options = DistillOptions(
@@ -420,8 +435,9 @@ def _distill(
             # Skipping the teacher's forward pays, but memory must not grow with the data:
             # past a quarter of the teacher's parameter bytes, outputs go to disk.
             cache_teacher=True,
-            cache_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) // 4,
+            cache_bytes=model_bytes // 4,
             checkpoint_blocks=config.checkpoint_blocks,
+            activation_bytes=activation_bytes,
         )
         distill(
             student,
