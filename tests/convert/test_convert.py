@@ -236,6 +236,36 @@ def test_failure_while_fitting_leaves_the_model_untouched(monkeypatch: pytest.Mo
     assert same_state(m, before) and linear_names(m) == linear_names(tiny())
 
 
+def test_in_place_fitting_lets_each_dense_layer_go_and_restores_on_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+    import weakref
+
+    teacher = Tiny(n=3)
+    student = copy.deepcopy(teacher)
+    before = state(student)
+    dense = [weakref.ref(m) for m in student.modules() if isinstance(m, nn.Linear)]
+    gone: list[int] = []
+    real = core_mod.fit_weight
+
+    def flaky(*a: object, **k: object) -> float:
+        gc.collect()
+        gone.append(sum(r() is None for r in dense))
+        if len(gone) == 6:
+            raise RuntimeError("boom in layer 6")
+        return real(*a, **k)
+
+    monkeypatch.setattr(core_mod, "fit_weight", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        tensorize(student, budget=0.5, calibration=calib(2), reference=teacher, progress=False)
+    assert gone[-1] >= 4  # the dense layers already replaced were freed while fitting
+    assert same_state(student, before) and linear_names(student) == linear_names(teacher)
+    monkeypatch.setattr(core_mod, "fit_weight", real)
+    tensorize(student, budget=0.5, calibration=calib(2), reference=teacher, progress=False)
+    assert len(linear_names(student, FactorizedLinear)) == len(linear_names(teacher))
+
+
 def test_revert_gives_dense_layers_with_the_same_outputs() -> None:
     m = tiny()
     tensorize(m, budget=0.5, calibration=calib(2), progress=False)

@@ -131,9 +131,12 @@ def _fit_sequential(
                     problem = whitened_problem(linears[name].weight, gstats.get(name))
                     lp.error = fit_weight(layer.weight, problem, refine_steps)
                 built[name] = layer
-                # In place the layer goes in as it is (memory shrinks as fitting goes on); in
+                # In place the layer goes in as it is and the dense one is let go (memory
+                # shrinks as fitting goes on; a failure restores it from the original); in
                 # the private copy the same function as a dense layer runs faster.
                 set_module(work, name, layer if in_place else layer.to_linear())
+                if in_place:
+                    del linears[name], modules[name]
                 tick()
     finally:
         for rep in replays.values():
@@ -161,7 +164,9 @@ def tensorize(
         reference: an unchanged copy of ``model`` (e.g. the teacher kept for distillation).
             Sequential fitting then converts ``model`` itself group by group and reads the
             original layers' inputs from ``reference``, instead of working on a private
-            deep copy: one copy of the model less in memory.
+            deep copy: one copy of the model less in memory, and each dense layer is let
+            go once its replacement is in (on failure, copies of the reference's layers
+            are put back).
 
     Returns:
         A :class:`ConversionReport`. On any error (or Ctrl-C) the model is left as it was.
@@ -245,8 +250,11 @@ def tensorize(
             )
         except BaseException:
             if reference is not None:  # put the original modules back
-                for name, module in modules.items():
-                    set_module(model, name, module)
+                for name in by_name:
+                    original = modules.get(name)
+                    if original is None:  # converted and let go: the reference's copy
+                        original = copy.deepcopy(reference.get_submodule(name))
+                    set_module(model, name, original)
             raise
         del work
     else:
