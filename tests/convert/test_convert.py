@@ -417,7 +417,7 @@ def test_distill_splits_batches_above_the_activation_limit_with_the_same_gradien
         student(data[0])
     whole = sum(kept.values())
     runs = []
-    for limit in (None, whole // 3):
+    for limit, checkpoint in ((None, False), (whole // 3, False), (whole // 3, True)):
         s = copy.deepcopy(student)
         rows: list[int] = []
 
@@ -436,9 +436,12 @@ def test_distill_splits_batches_above_the_activation_limit_with_the_same_gradien
             loss_fn=per_row_mean,
             forward=forward,
             activation_bytes=limit,
+            checkpoint_blocks=checkpoint,
         )
         runs.append((losses, s.state_dict(), rows))
-    (plain, plain_state, plain_rows), (split, split_state, split_rows) = runs
+    (plain, plain_state, plain_rows), (split, split_state, split_rows), recomputed = runs
+    # Recomputed blocks keep less, so the same limit needs fewer chunks.
+    assert max(recomputed[2][1:]) > max(split_rows[1:])
     assert set(plain_rows) == {32}
     # One measuring forward on an eighth of the largest batch, then chunks of at most a
     # third of each batch.

@@ -296,11 +296,12 @@ def distill(
     try:
         for p in frozen:
             p.requires_grad_(False)
-        pieces = _pieces(student, forward, batches, opts.activation_bytes)
-        if s_taps is not None:
-            s_taps.take()  # the measuring forward's features
-        first = list(itertools.accumulate((len(p) for p in pieces), initial=0))
         with torch.enable_grad(), checkpointing:
+            # Measured as the steps run: with checkpoint_blocks, recomputed blocks keep less.
+            pieces = _pieces(student, forward, batches, opts.activation_bytes)
+            if s_taps is not None:
+                s_taps.take()  # the measuring forward's features
+            first = list(itertools.accumulate((len(p) for p in pieces), initial=0))
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
             for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
                 opt.zero_grad(set_to_none=True)

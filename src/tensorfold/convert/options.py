@@ -201,7 +201,8 @@ class DistillOptions(_Options):
             by its share of the batch's rows, their gradients summed before the step: the
             same step in expectation, less memory, a little more time. The estimate scales
             the activation bytes one forward of the largest batch keeps by each batch's
-            elements. ``None``: batches run whole.
+            elements (with ``checkpoint_blocks``, as recomputed). ``None``: batches run
+            whole.
     """
 
     steps: int = 200
