@@ -7,6 +7,8 @@
                                                               # tokens: 110 M parameters
     python benchmarks/compress_scale.py --quick               # smoke run: a 2 x 128 encoder
     python benchmarks/compress_scale.py --checkpoint-blocks   # distil with recomputed blocks
+    python benchmarks/compress_scale.py --activation-memory 0 # no bound on distillation's
+                                                              # activations (default: 1x model)
 
 Each size is a ``BertModel`` built from its config with random weights (vocabulary of
 8,000, ``bert-base``: 30,522; ``L x H`` = layers x hidden width, intermediate 4 H, H / 64
@@ -119,7 +121,12 @@ def build(layers: int, hidden: int, vocab: int, folder: Path) -> dict[str, int]:
 
 # ---- the two kinds of child process ------------------------------------------------------
 def worker(
-    model_dir: str, result: str, distill_steps: int, load_only: bool, checkpoint_blocks: bool
+    model_dir: str,
+    result: str,
+    distill_steps: int,
+    load_only: bool,
+    checkpoint_blocks: bool,
+    activation_memory: float,
 ) -> None:
     import torch
 
@@ -146,6 +153,7 @@ def worker(
             device="cpu",
             distill_steps=distill_steps,
             checkpoint_blocks=checkpoint_blocks,
+            activation_memory=activation_memory or None,
             progress=False,
             seed=0,
         )
@@ -179,7 +187,9 @@ def in_child(args: list[str]) -> tuple[dict[str, Any], int, float]:
     return out, usage.ru_maxrss, wall
 
 
-def measure(name: str, distill_steps: int, checkpoint_blocks: bool) -> dict[str, Any]:
+def measure(
+    name: str, distill_steps: int, checkpoint_blocks: bool, activation_memory: float
+) -> dict[str, Any]:
     layers, hidden, vocab = SIZES[name]
     with tempfile.TemporaryDirectory(prefix=f"tf-scale-{name}-") as tmp:
         folder = Path(tmp) / "model"
@@ -189,6 +199,7 @@ def measure(name: str, distill_steps: int, checkpoint_blocks: bool) -> dict[str,
         floor, floor_kib, _ = in_child([str(folder), "--load-only"])
         load_before = os.getloadavg()[0]
         args = [str(folder), "--distill-steps", str(distill_steps)]
+        args += ["--activation-memory", str(activation_memory)]
         res, peak_kib, wall = in_child(args + ["--checkpoint-blocks"] * checkpoint_blocks)
         children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     peak = peak_kib * 1024
@@ -228,6 +239,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Each compression in a fresh subprocess: `CompressConfig(task='encoder', budget=0.5, "
         f"distill_steps={meta['distill_steps']}"
         + (", checkpoint_blocks=True" if meta.get("checkpoint_blocks") else "")
+        + f", activation_memory={meta.get('activation_memory') or None}"
         + ")`, default counts (calibration / distillation "
         "/ held-out sentences below). Peak = the child's `ru_maxrss`; floor = a child that "
         "imports and loads the model and runs it once on a batch of 32 long sentences.",
@@ -263,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="distil with CompressConfig(checkpoint_blocks=True): block activations recomputed",
     )
+    ap.add_argument(
+        "--activation-memory",
+        type=float,
+        default=1.0,
+        help="CompressConfig(activation_memory=...): distillation's activation bound as a "
+        "multiple of the model's bytes (0: none)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     # Internal: the child processes.
     ap.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
@@ -270,7 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.worker[0], a.result, a.distill_steps, a.load_only, a.checkpoint_blocks)
+        worker(
+            a.worker[0],
+            a.result,
+            a.distill_steps,
+            a.load_only,
+            a.checkpoint_blocks,
+            a.activation_memory,
+        )
         return 0
     if a.out is None:
         a.out = HERE.parent / "out" if a.quick else HERE / "results"
@@ -289,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "distill_steps": a.distill_steps,
         "checkpoint_blocks": a.checkpoint_blocks,
+        "activation_memory": a.activation_memory,
         "notes": [],
     }
     rows: list[dict[str, Any]] = []
@@ -302,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             continue
         print(f"== {name}", flush=True)
-        rows.append(measure(name, a.distill_steps, a.checkpoint_blocks))
+        rows.append(measure(name, a.distill_steps, a.checkpoint_blocks, a.activation_memory))
         print(json.dumps(rows[-1], indent=1), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = "compress_scale_quick" if a.quick else "compress_scale"

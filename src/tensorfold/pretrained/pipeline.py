@@ -89,8 +89,8 @@ class CompressConfig:
         activation_memory: the most bytes of activations one distillation forward keeps
             for its backward pass, as a multiple of the model's parameter bytes: larger
             batches run in chunks whose gradients add up to the batch's
-            (``DistillOptions.activation_bytes``); a little slower, the same steps.
-            ``None``: no bound.
+            (``DistillOptions.activation_bytes``): the same steps in expectation, a little
+            slower. ``None``: no bound.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
