@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["main"]
@@ -93,20 +93,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
-    return None if value == 0 else value
+def _zero_means_none(what: str) -> Callable[[str], float | None]:
+    """An argparse type: a number (``what`` names it in the error), 0 meaning none; its
+    range is checked with the other options."""
 
+    def parse(text: str) -> float | None:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from exc
+        return None if value == 0 else value
 
-def _multiple(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    return None if value == 0 else value
+    return parse
 
 
 def _add_job_options(
@@ -131,7 +129,7 @@ def _add_job_options(
     )
     p.add_argument(
         "--time-limit",
-        type=_seconds,
+        type=_zero_means_none("a number of seconds"),
         default=time_limit,
         help="seconds for the whole run, every stage included; 0: none"
         + (" (default: none)" if time_limit is None else f" (default {time_limit:g})"),
@@ -164,7 +162,7 @@ def _add_job_options(
     )
     p.add_argument(
         "--activation-memory",
-        type=_multiple,
+        type=_zero_means_none("a number"),
         default=1.0,
         help="most activation bytes one distillation forward keeps, as a multiple of the "
         "model's bytes: larger batches run in chunks whose gradients add up (default 1; "
