@@ -166,6 +166,11 @@ class ModelCall(_Options):
     output_fn: Callable[[Any], Tensor] = output_tensor
 
 
+def _check_optional_int(value: object, name: str, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise ConversionError(f"{name}={value!r} must be an int >= {low} (or None: no limit)")
+
+
 @dataclass(frozen=True, repr=False)
 class DistillOptions(_Options):
     """How ``distill`` trains the student.
@@ -220,27 +225,12 @@ class DistillOptions(_Options):
     activation_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.activation_bytes is not None and (
-            isinstance(self.activation_bytes, bool)
-            or not isinstance(self.activation_bytes, int)
-            or self.activation_bytes < 1
-        ):
-            raise ConversionError(
-                f"activation_bytes={self.activation_bytes!r} must be an int >= 1 "
-                "(or None: no limit)"
-            )
+        _check_optional_int(self.activation_bytes, "activation_bytes", 1)
         if not isinstance(self.checkpoint_blocks, bool):
             raise ConversionError(
                 f"checkpoint_blocks={self.checkpoint_blocks!r} must be True or False"
             )
-        if self.cache_bytes is not None and (
-            isinstance(self.cache_bytes, bool)
-            or not isinstance(self.cache_bytes, int)
-            or self.cache_bytes < 0
-        ):
-            raise ConversionError(
-                f"cache_bytes={self.cache_bytes!r} must be an int >= 0 (or None: no limit)"
-            )
+        _check_optional_int(self.cache_bytes, "cache_bytes", 0)
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConversionError(
                 f"max_seconds={self.max_seconds!r} must be > 0 (or None: no limit)"
