@@ -43,27 +43,26 @@ from tensorfold.files import atomic_savefig, atomic_write
 from tensorfold.pretrained import CompressConfig, compress, models
 from tensorfold.pretrained.other_text import other_source_sentences
 from tensorfold.pretrained.pipeline import _split_data
-from tensorfold.pretrained.tasks import task_for
+from tensorfold.pretrained.tasks import ModelTask, task_for
 
 N_EVAL = demo.EVALUATION_SENTENCES
 N_CAL = demo.CALIBRATION_SENTENCES
 
 
-def texts(budget: float) -> tuple[dict[str, list[str]], list[str], list[str]]:
+def texts(task: ModelTask, budget: float) -> tuple[dict[str, list[str]], list[str], list[str]]:
     """The two calibration texts, the held-out default sentences and the evaluated
     other-source sentences."""
-    cpu = torch.device("cpu")
-    loaded = models.load(demo.model_directory(), None, cpu, torch.float32)
     config = CompressConfig(
         model_dir=demo.model_directory(),
         budget=budget,
         calibration_samples=N_CAL,
         evaluation_samples=N_EVAL,
     )
-    parts = _split_data(config, task_for(loaded, config.seq_len, cpu))
+    parts = _split_data(config, task)
     default = [*parts.calibration, *parts.distillation]  # never the held-out sentences
     evaluated = other_source_sentences(N_EVAL)
-    other = [s for s in other_source_sentences() if s not in set(evaluated)]
+    skip = set(evaluated)
+    other = [s for s in other_source_sentences() if s not in skip]
     mixed = default[: len(other)] + other
     random.Random(0).shuffle(mixed)
     return (
@@ -74,10 +73,10 @@ def texts(budget: float) -> tuple[dict[str, list[str]], list[str], list[str]]:
 
 
 def run(budget: float, distill_steps: int) -> dict[str, Any]:
-    calibration, held_out, other = texts(budget)
     cpu = torch.device("cpu")
     loaded = models.load(demo.model_directory(), None, cpu, torch.float32)
-    task = task_for(loaded, 128, cpu)
+    task = task_for(loaded, CompressConfig.seq_len, cpu)
+    calibration, held_out, other = texts(task, budget)
     sets = {"held-out (default text)": held_out, "other source": other}
     batches = {name: task.batches(s) for name, s in sets.items()}
     refs = {name: task.reference(loaded.model, b) for name, b in batches.items()}
