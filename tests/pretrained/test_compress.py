@@ -563,3 +563,97 @@ def test_the_teacher_runs_once_per_evaluation_set_for_all_stages(
     result = compress(config, print_fn=lambda s: None)
     assert result.distill_steps_done == 2
     assert len(runs) == 1  # one evaluation set (the user's data), three stages
+
+
+def test_memory_is_released_between_stages(
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.convert import _memory, core, planner
+    from tensorfold.pretrained import pipeline, tasks
+
+    events: list[str] = []
+
+    def spy(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def run(*args: object, **kwargs: object) -> object:
+            events.append(name)
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(planner, "plan", spy("plan", planner.plan))
+    monkeypatch.setattr(core, "tensorize", spy("fit", core.tensorize))
+    monkeypatch.setattr(tasks.EncoderTask, "compare", spy("evaluate", tasks.EncoderTask.compare))
+    monkeypatch.setattr(pipeline, "distill", spy("distill", pipeline.distill))
+    monkeypatch.setattr(pipeline, "release_free_memory", lambda: events.append("release"))
+    monkeypatch.setattr(_memory, "return_free_pages", lambda: events.append("pages"))
+    r = compress(_config(tiny_model("bert"), tmp_path / "out", text_file), print_fn=lambda s: None)
+    assert r.distill_steps_done == 3 and r.counts["evaluation"] <= 32  # one held-out batch
+    assert events == [
+        *["plan", "release", "fit", "release"],
+        *["pages", "evaluate", "pages"],  # before the teacher's and the student's forwards
+        *["release", "distill"],
+        *["release", "evaluate", "pages", "release"],  # the last before writing the output
+    ]
+
+
+def test_releasing_memory_changes_no_result(
+    tiny_model: Callable[[str], Path], text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorfold.convert import _memory
+    from tensorfold.pretrained import pipeline
+
+    losses: list[list[float]] = []
+    real = pipeline.distill
+
+    def spy(*args: object, **kwargs: object) -> list[float]:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        losses.append(list(out))
+        return out
+
+    monkeypatch.setattr(pipeline, "distill", spy)
+    config = _config(tiny_model("bert"), None, text_file)
+    runs = [compress(config, print_fn=lambda s: None)]
+    for module, name in [(pipeline, "release_free_memory"), (_memory, "return_free_pages")]:
+        monkeypatch.setattr(module, name, lambda: False)
+    runs.append(compress(config, print_fn=lambda s: None))
+    a, b = runs
+    assert [lp.rank for lp in a.plan.layers] == [lp.rank for lp in b.plan.layers]
+    assert [lp.error for lp in a.report.layers] == [lp.error for lp in b.report.layers]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert a.before_distill == b.before_distill and a.after == b.after
+    for (name, x), y in zip(
+        a.student.state_dict().items(), b.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+
+
+def test_no_dense_weight_of_the_student_outlives_fitting(
+    tiny_model: Callable[[str], Path], text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    from tensorfold.convert import core
+    from tensorfold.pretrained import pipeline
+
+    dense: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    real_tensorize, real_distill = core.tensorize, pipeline.distill
+
+    def tensorize(student: nn.Module, *args: object, **kwargs: object) -> object:
+        names = {lp.name for lp in kwargs["from_plan"].layers}  # type: ignore[attr-defined]
+        dense.extend(weakref.ref(student.get_submodule(n).weight) for n in names)
+        return real_tensorize(student, *args, **kwargs)  # type: ignore[arg-type]
+
+    def distill(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive.append(sum(r() is not None for r in dense))
+        return real_distill(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core, "tensorize", tensorize)
+    monkeypatch.setattr(pipeline, "distill", distill)
+    compress(_config(tiny_model("bert"), None, text_file), print_fn=lambda s: None)
+    assert len(dense) > 0 and alive == [0]

@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 from ..convert import core, planner
+from ..convert._memory import (
+    free_pages_before_forwards,
+    release_free_memory,
+)
 from ..convert._util import batch_elements, match_modules
 from ..convert.distill import distill
 from ..convert.options import (
@@ -318,6 +322,9 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     # instead of holding a second copy (often a large part of the model).
     shared = {id(m.weight): m.weight for m in teacher.modules() if isinstance(m, nn.Embedding)}
     student = copy.deepcopy(teacher, memo=shared)
+    # The memo now refers to every tensor deepcopy made, the dense weights that fitting
+    # replaces included: kept, it would hold a copy of them to the end.
+    del shared
     t = time.perf_counter()
     options = PlanOptions(
         budget=config.budget,
@@ -330,6 +337,9 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         student, options, cal[: max(1, len(cal) // 4)], call=call, progress=config.progress
     )
     print_fn(str(plan))
+    # A stage's freed working memory stays resident (glibc keeps it for reuse) and the
+    # next stage's tensors seldom fit its holes: each stage starts from what is live.
+    release_free_memory()
     report = core.tensorize(
         student,
         calibration=cal,
@@ -340,10 +350,12 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         progress=config.progress,
     )
     seconds["fit"] = time.perf_counter() - t
+    release_free_memory()
     # The teacher's side of every evaluation is computed once, for all stages.
-    refs = {name: task.reference(teacher, b) for name, b in evals.items()}
+    with free_pages_before_forwards(teacher):
+        refs = {name: task.reference(teacher, b) for name, b in evals.items()}
     t = time.perf_counter()
-    before = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+    before = _evaluate(task, student, evals, refs)
     if deadline is not None:
         # The evaluations still to come (after distillation, after quantizing) count
         # against the limit too: distillation ends early enough to leave time for them.
@@ -353,12 +365,14 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         print_fn(f"after layer-wise fitting, {name}: {q}")
 
     steps_done, interrupted = 0, False
+    release_free_memory()
     t = time.perf_counter()
     out_of_time = deadline is not None and time.perf_counter() >= deadline
     if config.distill_steps and parts.distillation and not out_of_time:
         steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
     seconds["distill"] = time.perf_counter() - t
-    after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+    release_free_memory()
+    after = _evaluate(task, student, evals, refs)
     if steps_done:
         for name, q in after.items():
             print_fn(f"after {steps_done} distillation steps, {name}: {q}")
@@ -368,7 +382,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     if config.factor_dtype is not None:
         before_quantize = after
         n = quantize_factors(student, config.factor_dtype)
-        after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+        after = _evaluate(task, student, evals, refs)
         for name, q in after.items():
             print_fn(f"{config.factor_dtype} factors ({n} layers), {name}: {q}")
     memory = memory_report(student)
@@ -396,10 +410,22 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         linear_bytes=linear_bytes,
     )
     if config.out is not None:
+        release_free_memory()
         probe = next(iter(evals.values()))[0]
         result.out = write_output(result, loaded, lambda m: task.forward(m, probe))
         print_fn(f"wrote {result.out} (load it with tensorfold.from_pretrained)")
     return result
+
+
+def _evaluate(
+    task: ModelTask,
+    student: nn.Module,
+    evals: dict[str, list[Any]],
+    refs: dict[str, list[Any]],
+) -> dict[str, Any]:
+    """The student's quality on each evaluation set against the teacher's ``refs``."""
+    with free_pages_before_forwards(student):
+        return {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
 
 
 def _distill(
