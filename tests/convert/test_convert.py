@@ -512,6 +512,47 @@ def test_distill_cached_teacher_gives_the_same_run_with_one_teacher_pass() -> No
     assert calls[4] == 3  # from disk: once per batch, and the same losses
 
 
+@pytest.mark.parametrize(("n", "steps"), [(5, 3), (5, 5), (5, 12), (4, 8), (1, 3), (3, 0)])
+def test_distill_visits_say_whether_each_batch_comes_round_again(n: int, steps: int) -> None:
+    from tensorfold.convert.distill import _visits
+
+    visits = list(_visits(n, steps, torch.Generator().manual_seed(0)))
+    order = [i for i, _ in visits]
+    assert len(order) == steps
+    for p in range(0, steps, n):  # each pass, a permutation (the last one cut short)
+        assert len(set(order[p : p + n])) == len(order[p : p + n])
+    assert [again for _, again in visits] == [i in order[k + 1 :] for k, i in enumerate(order)]
+
+
+def test_distill_caches_only_batches_that_come_round_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.convert.spill_cache import SpillCache
+
+    kept: list[int] = []
+    real_put = SpillCache.put
+
+    def put(self: SpillCache, index: int, value: object) -> bool:
+        kept.append(index)
+        return real_put(self, index, value)
+
+    monkeypatch.setattr(SpillCache, "put", put)
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    for steps, expected in [(4, 0), (6, 2)]:  # 4 batches: one pass, then two steps more
+        kept.clear()
+        tensorfold.convert.distill(
+            copy.deepcopy(student),
+            teacher,
+            calib(4),
+            steps=steps,
+            progress=False,
+            cache_teacher=True,
+        )
+        assert len(kept) == expected
+
+
 def test_distill_shuffles_the_first_pass_too() -> None:
     # Callers group batches by length: a run stopped within its first pass must not see
     # only the first batches in order.

@@ -87,3 +87,26 @@ def test_no_disk_or_a_full_disk_means_the_teacher_runs_again(
     assert cache.get(0) is None and cache.get(1) is None and cache.disk_bytes == 0
     cache.close()
     assert not made[0].exists()
+
+
+def test_discard_returns_the_room_and_removes_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    made = _private_tempdir(monkeypatch, tmp_path)
+    one = sum(
+        t.numel() * t.element_size()
+        for t in torch.utils._pytree.tree_leaves(_output(0))
+        if isinstance(t, torch.Tensor)
+    )
+    cache = SpillCache(memory_bytes=one, disk=True)
+    cache.put(0, _output(0))
+    cache.put(1, _output(1))  # no room left in memory: on disk
+    assert cache._memory.keys() == {0} and len(list(made[0].iterdir())) == 1
+    cache.discard(1)
+    cache.discard(7)  # never kept: nothing to do
+    assert cache.get(1) is None and not list(made[0].iterdir()) and len(cache) == 1
+    cache.discard(0)
+    cache.put(2, _output(2))  # the discarded batch's room holds the next one
+    assert cache._memory.keys() == {2} and _same(cache.get(2), _output(2))
+    assert not list(made[0].iterdir())
+    cache.close()

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -186,6 +186,26 @@ def _pieces(
     ]
 
 
+def _visits(n: int, steps: int, gen: torch.Generator) -> Iterator[tuple[int, bool]]:
+    """``steps`` batch indices out of ``n``, in a new shuffled order each pass, each with
+    whether that batch comes round again within the steps.
+
+    Shuffled from the first pass on: callers often group batches by length, and a run
+    stopped by ``max_seconds`` within its first pass would otherwise see only the shortest
+    ones, in order. A batch comes round again exactly when the next pass, cut to the steps
+    left, holds it.
+    """
+    current = torch.randperm(n, generator=gen).tolist()
+    done = 0
+    while done < steps:
+        following = torch.randperm(n, generator=gen).tolist() if done + n < steps else []
+        again = set(following[: steps - done - n])
+        for i in current[: steps - done]:
+            yield i, i in again
+        done += n
+        current = following
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -265,27 +285,20 @@ def distill(
     t_taps = _Taps(teacher, names) if names else None
     gen = torch.Generator().manual_seed(0)
 
-    def order() -> Iterable[int]:
-        # Shuffled from the first pass on: callers often group batches by length, and a
-        # run stopped by max_seconds within its first pass would otherwise see only the
-        # shortest ones, in order.
-        while True:
-            yield from torch.randperm(len(batches), generator=gen).tolist()
-
     cache = SpillCache(opts.cache_bytes, opts.cache_disk)
     pieces: list[list[tuple[Any, float]]] = []
     first: list[int] = []  # the cache key of each batch's first chunk
 
-    def teacher_outputs(key: int, chunk: Any) -> tuple[Any, dict[str, Tensor]]:
+    def teacher_outputs(key: int, chunk: Any, again: bool) -> tuple[Any, dict[str, Tensor]]:
         hit = cache.get(key) if opts.cache_teacher else None
-        if hit is not None:
-            return hit
-        with torch.no_grad():
-            out = forward(teacher, chunk)
-            feat = t_taps.take() if t_taps else {}
-        if opts.cache_teacher:
-            cache.put(key, (out, feat))
-        return out, feat
+        if hit is None:
+            with torch.no_grad():
+                hit = forward(teacher, chunk), (t_taps.take() if t_taps else {})
+            if opts.cache_teacher and again:
+                cache.put(key, hit)
+        if not again:
+            cache.discard(key)  # its last visit: the room goes to batches still to come
+        return hit
 
     losses = [] if losses is None else losses
     start = time.perf_counter()
@@ -303,11 +316,12 @@ def distill(
                 s_taps.take()  # the measuring forward's features
             first = list(itertools.accumulate((len(p) for p in pieces), initial=0))
             bar = tqdm(range(steps), desc="distilling", disable=not progress, leave=False)
-            for _, i in zip(bar, itertools.islice(order(), steps), strict=False):
+            schedule = _visits(len(batches), steps, gen)
+            for _, (i, again) in zip(bar, schedule, strict=False):
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for j, (chunk, share) in enumerate(pieces[i]):
-                    t_out, t_feat = teacher_outputs(first[i] + j, chunk)
+                    t_out, t_feat = teacher_outputs(first[i] + j, chunk, again)
                     s_out = forward(student, chunk)
                     loss = loss_fn(s_out, t_out, chunk)
                     if s_taps is not None:

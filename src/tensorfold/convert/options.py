@@ -187,9 +187,10 @@ class DistillOptions(_Options):
         max_seconds: a time limit: the learning-rate schedule then runs on whichever of
             steps done and time spent is further along, and training ends when either is
             used up (a slow machine does fewer steps but still anneals to zero).
-        cache_teacher: keep the teacher's outputs (and matched features) of every batch
-            after its first pass, so later passes skip the teacher's forward. Costs the
-            memory of those outputs; worth it when ``steps`` exceeds the number of batches.
+        cache_teacher: keep the teacher's outputs (and matched features) of a batch that
+            the shuffled schedule visits again, until its last visit, so later passes skip
+            the teacher's forward. Costs the memory of those outputs; nothing is kept when
+            ``steps`` is at most the number of batches (no batch comes round again).
         cache_bytes: with ``cache_teacher``, the most bytes of outputs kept in memory;
             ``None``: no limit.
         cache_disk: with ``cache_teacher``, outputs beyond ``cache_bytes`` go to a

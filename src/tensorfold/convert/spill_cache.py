@@ -33,6 +33,7 @@ class SpillCache:
         self._memory: dict[int, Any] = {}
         # index -> (tree spec, non-tensor leaves by position, device and dtype per tensor)
         self._disk: dict[int, tuple[Any, dict[int, Any], dict[int, torch.device]]] = {}
+        self._sizes: dict[int, int] = {}  # tensor bytes of each kept index
         self._spill = disk
         self._dir: Path | None = None
         self._disk_room = 0.0
@@ -66,8 +67,19 @@ class SpillCache:
         if size <= self._room:
             self._room -= size
             self._memory[index] = value
+            self._sizes[index] = size
             return True
         return self._spill and self._write(index, spec, leaves, tensors, size)
+
+    def discard(self, index: int) -> None:
+        """Forget ``index`` (if kept), returning its room to later :meth:`put` calls."""
+        size = self._sizes.pop(index, 0)
+        if self._memory.pop(index, None) is not None:
+            self._room += size
+        elif self._disk.pop(index, None) is not None:
+            assert self._dir is not None  # set by the write that kept it
+            (self._dir / f"{index}.safetensors").unlink(missing_ok=True)
+            self._disk_room += size
 
     def _write(
         self, index: int, spec: Any, leaves: list[Any], tensors: dict[int, Tensor], size: int
@@ -91,6 +103,7 @@ class SpillCache:
             return False
         self._disk_room -= size
         self.disk_bytes += size
+        self._sizes[index] = size
         others = {k: v for k, v in enumerate(leaves) if k not in tensors}
         self._disk[index] = (spec, others, {k: t.device for k, t in tensors.items()})
         return True
@@ -99,6 +112,7 @@ class SpillCache:
         """Forget everything and remove the directory."""
         self._memory.clear()
         self._disk.clear()
+        self._sizes.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
