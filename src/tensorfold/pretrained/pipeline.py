@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from ..convert import core, planner
-from ..convert._memory import (
-    free_pages_before_forwards,
-    release_free_memory,
-)
+from ..convert._memory import release_free_memory
 from ..convert._util import batch_elements, match_modules
 from ..convert.distill import distill
 from ..convert.options import (
@@ -352,10 +349,9 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     seconds["fit"] = time.perf_counter() - t
     release_free_memory()
     # The teacher's side of every evaluation is computed once, for all stages.
-    with free_pages_before_forwards(teacher):
-        refs = {name: task.reference(teacher, b) for name, b in evals.items()}
+    refs = {name: task.reference(teacher, b) for name, b in evals.items()}
     t = time.perf_counter()
-    before = _evaluate(task, student, evals, refs)
+    before = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
     if deadline is not None:
         # The evaluations still to come (after distillation, after quantizing) count
         # against the limit too: distillation ends early enough to leave time for them.
@@ -372,7 +368,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
     seconds["distill"] = time.perf_counter() - t
     release_free_memory()
-    after = _evaluate(task, student, evals, refs)
+    after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
     if steps_done:
         for name, q in after.items():
             print_fn(f"after {steps_done} distillation steps, {name}: {q}")
@@ -382,7 +378,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     if config.factor_dtype is not None:
         before_quantize = after
         n = quantize_factors(student, config.factor_dtype)
-        after = _evaluate(task, student, evals, refs)
+        after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
         for name, q in after.items():
             print_fn(f"{config.factor_dtype} factors ({n} layers), {name}: {q}")
     memory = memory_report(student)
@@ -415,17 +411,6 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         result.out = write_output(result, loaded, lambda m: task.forward(m, probe))
         print_fn(f"wrote {result.out} (load it with tensorfold.from_pretrained)")
     return result
-
-
-def _evaluate(
-    task: ModelTask,
-    student: nn.Module,
-    evals: dict[str, list[Any]],
-    refs: dict[str, list[Any]],
-) -> dict[str, Any]:
-    """The student's quality on each evaluation set against the teacher's ``refs``."""
-    with free_pages_before_forwards(student):
-        return {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
 
 
 def _distill(
