@@ -30,7 +30,13 @@ size: parameters, model bytes (fp32 parameters and buffers), the pipeline's seco
 (``result.seconds``), seconds per million parameters, peak RSS, peak / model bytes and
 (peak - floor) / model bytes.
 
-Writes ``compress_scale.{md,json}`` to ``--out`` (default ``benchmarks/results``;
+Where the peak is: while the compression runs, the parent reads the child's resident memory
+(``VmRSS`` in ``/proc/<pid>/status``, Linux) every 0.25 s, and the child records when each
+stage ended (loaded, planned, fitted and evaluated, distilled and evaluated). The JSON holds
+that timeline per size; ``compress_scale.png`` plots it, with the floor and the target
+(floor + 3x the model) drawn across.
+
+Writes ``compress_scale.{md,json,png}`` to ``--out`` (default ``benchmarks/results``;
 ``--quick``: ``out/``, which git ignores), atomically.
 """
 
@@ -44,11 +50,20 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+# How the first line the pipeline prints after each stage starts (the first match counts),
+# and the stage it ends.
+STAGES = [
+    ("encoder model from", "loaded"),
+    ("tensorfold plan:", "planned"),
+    ("after layer-wise fitting", "fitted + evaluated"),
+    ("after ", "distilled + evaluated"),
+]
 # name -> (layers, hidden width, vocabulary)
 SIZES = {
     "2x128": (2, 128, 8000),
@@ -157,8 +172,17 @@ def worker(
             progress=False,
             seed=0,
         )
-        r = compress(config, print_fn=lambda s: print(s, flush=True))
+        marks: list[tuple[float, str]] = []
+
+        def print_fn(line: str) -> None:
+            print(line, flush=True)
+            stage = next((stage for start, stage in STAGES if line.startswith(start)), None)
+            if stage is not None and (not marks or marks[-1][1] != stage):
+                marks.append((time.time(), stage))
+
+        r = compress(config, print_fn=print_fn)
         out = {
+            "marks": marks,
             "seconds": r.seconds,
             "counts": r.counts,
             "kept": r.report.kept,
@@ -171,13 +195,37 @@ def worker(
     Path(result).write_text(json.dumps(out))
 
 
-def in_child(args: list[str]) -> tuple[dict[str, Any], int, float]:
-    """Run this script as a worker; its result, its peak RSS (KiB) and wall seconds."""
+def sample_rss(pid: int, into: list[tuple[float, int]], stop: threading.Event) -> None:
+    """Append (time, resident bytes) of process ``pid`` every 0.25 s until ``stop``."""
+    while not stop.wait(0.25):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                kib = [int(x.split()[1]) for x in fh if x.startswith("VmRSS:")]
+        except OSError:  # not Linux, or the child is gone
+            return
+        if kib:
+            into.append((time.time(), kib[0] * 1024))
+
+
+def in_child(
+    args: list[str], timeline: list[tuple[float, int]] | None = None
+) -> tuple[dict[str, Any], int, float]:
+    """Run this script as a worker; its result, its peak RSS (KiB) and wall seconds. With
+    ``timeline``, its resident memory is sampled into it as it runs."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", *args, "--result", result])
+    stop = threading.Event()
+    sampler = None
+    if timeline is not None:
+        timeline.append((time.time(), 0))  # the start
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, timeline, stop))
+        sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    stop.set()
+    if sampler is not None:
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -200,7 +248,9 @@ def measure(
         load_before = os.getloadavg()[0]
         args = [str(folder), "--distill-steps", str(distill_steps)]
         args += ["--activation-memory", str(activation_memory)]
-        res, peak_kib, wall = in_child(args + ["--checkpoint-blocks"] * checkpoint_blocks)
+        samples: list[tuple[float, int]] = []
+        args += ["--checkpoint-blocks"] * checkpoint_blocks
+        res, peak_kib, wall = in_child(args, samples)
         children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     peak = peak_kib * 1024
     seconds = res["seconds"]
@@ -226,6 +276,9 @@ def measure(
         "load_average_after": os.getloadavg()[0],
         **{k: res[k] for k in ("counts", "kept", "distill_steps_done", "formats", "threads")},
         "quality_after": res["quality_after"],
+        # seconds from the child's start: resident bytes, and the end of each stage
+        "timeline": [(round(t - samples[0][0], 2), b) for t, b in samples[1:]],
+        "stage_ends": [(round(t - samples[0][0], 2), stage) for t, stage in res["marks"]],
     }
 
 
@@ -337,8 +390,41 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_all(
         a.out / f"{stem}.md", text, a.out / f"{stem}.json", {"meta": meta, "rows": rows}
     )
+    plot(rows, meta, a.out / f"{stem}.png")
     print(text)
     return 0
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Resident memory against time per size, the stages' ends marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tensorfold.files import atomic_savefig
+
+    mib = 1 << 20
+    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        if r["timeline"]:
+            t, b = zip(*r["timeline"], strict=True)
+            ax.plot(t, [x / mib for x in b], lw=1, label="resident memory")
+        floor, model = r["floor_rss_bytes"] / mib, r["model_bytes"] / mib
+        ax.axhline(floor, color="gray", ls=":", lw=1, label="floor (libraries + model)")
+        ax.axhline(floor + 3 * model, color="red", ls="--", lw=1, label="floor + 3x model")
+        for t_end, stage in r["stage_ends"]:
+            ax.axvline(t_end, color="black", lw=0.6)
+            ax.text(t_end, ax.get_ylim()[1], f"{stage} ", rotation=90, fontsize=7, va="top")
+        peak = r["peak_minus_floor_over_model"]
+        ax.set_title(f"{r['layers']}x{r['hidden']}: (peak - floor) / model {peak:.1f}x")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("MiB")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"compress to 50%, {meta['distill_steps']} distillation steps ({meta['commit']})")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def atomic_write_all(md: Path, text: str, js: Path, data: dict[str, Any]) -> None:
