@@ -98,3 +98,21 @@ def test_freed_heap_memory_leaves_the_resident_set() -> None:
         assert before - _rss_bytes() > count * size // 2
     finally:
         libc.free(pin)
+
+
+def test_forwards_free_pages_first_only_inside_the_block_and_keep_their_outputs(
+    trims: list[int],
+) -> None:
+    torch.manual_seed(0)
+    outer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    expected = outer(x)
+    seen: list[int] = []
+    outer[0].register_forward_pre_hook(lambda m, args: seen.append(len(trims)))
+    with _memory.free_pages_before_forwards(outer):
+        y = outer(x)
+        outer(x)
+    assert seen == [1, 2]  # each forward trimmed before its first layer ran
+    assert torch.equal(y, expected)
+    outer(x)
+    assert trims == [0, 0]  # the hook is gone

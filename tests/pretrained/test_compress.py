@@ -593,8 +593,9 @@ def test_memory_is_released_between_stages(
     assert r.distill_steps_done == 3 and r.counts["evaluation"] <= 32  # one held-out batch
     assert events == [
         *["plan", "release", "fit", "release"],
-        *["evaluate", "release", "distill"],
-        *["release", "evaluate", "release"],  # the last before writing the output
+        *["pages", "evaluate", "pages"],  # before the teacher's and the student's forwards
+        *["release", "distill"],
+        *["release", "evaluate", "pages", "release"],  # the last before writing the output
     ]
 
 

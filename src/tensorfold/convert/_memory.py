@@ -9,13 +9,17 @@ such call; there these functions do nothing. None of them changes a computed val
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from torch import nn
 
 __all__ = [
+    "free_pages_before_forwards",
     "release_free_memory",
     "return_free_pages",
 ]
@@ -47,3 +51,20 @@ def release_free_memory() -> bool:
     the free pages (:func:`return_free_pages`). For the boundaries between stages."""
     gc.collect()
     return return_free_pages()
+
+
+@contextlib.contextmanager
+def free_pages_before_forwards(*models: nn.Module) -> Iterator[None]:
+    """Within the block, return the free pages before every forward of ``models``: the
+    last batch's activations are freed by then, and a longer batch's seldom fit their
+    holes (batches are often sorted by length)."""
+
+    def before(*args: object) -> None:  # a pre-hook that returns nothing keeps the inputs
+        return_free_pages()
+
+    handles = [m.register_forward_pre_hook(before) for m in models]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

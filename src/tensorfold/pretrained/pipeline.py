@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from ..convert import core, planner
-from ..convert._memory import release_free_memory
+from ..convert._memory import (
+    free_pages_before_forwards,
+    release_free_memory,
+)
 from ..convert._util import batch_elements, match_modules
 from ..convert.distill import distill
 from ..convert.options import (
@@ -349,9 +352,10 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     seconds["fit"] = time.perf_counter() - t
     release_free_memory()
     # The teacher's side of every evaluation is computed once, for all stages.
-    refs = {name: task.reference(teacher, b) for name, b in evals.items()}
+    with free_pages_before_forwards(teacher):
+        refs = {name: task.reference(teacher, b) for name, b in evals.items()}
     t = time.perf_counter()
-    before = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+    before = _evaluate(task, student, evals, refs)
     if deadline is not None:
         # The evaluations still to come (after distillation, after quantizing) count
         # against the limit too: distillation ends early enough to leave time for them.
@@ -368,7 +372,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         steps_done, interrupted = _distill(config, task, student, teacher, parts, names, deadline)
     seconds["distill"] = time.perf_counter() - t
     release_free_memory()
-    after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+    after = _evaluate(task, student, evals, refs)
     if steps_done:
         for name, q in after.items():
             print_fn(f"after {steps_done} distillation steps, {name}: {q}")
@@ -378,7 +382,7 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
     if config.factor_dtype is not None:
         before_quantize = after
         n = quantize_factors(student, config.factor_dtype)
-        after = {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
+        after = _evaluate(task, student, evals, refs)
         for name, q in after.items():
             print_fn(f"{config.factor_dtype} factors ({n} layers), {name}: {q}")
     memory = memory_report(student)
@@ -411,6 +415,17 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         result.out = write_output(result, loaded, lambda m: task.forward(m, probe))
         print_fn(f"wrote {result.out} (load it with tensorfold.from_pretrained)")
     return result
+
+
+def _evaluate(
+    task: ModelTask,
+    student: nn.Module,
+    evals: dict[str, list[Any]],
+    refs: dict[str, list[Any]],
+) -> dict[str, Any]:
+    """The student's quality on each evaluation set against the teacher's ``refs``."""
+    with free_pages_before_forwards(student):
+        return {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
 
 
 def _distill(
