@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConversionError, TensorfoldError
 from ..nn import FactorizedLinear
+from ._memory import return_free_pages
 from ._util import (
     ForwardFn,
     as_batches,
@@ -27,7 +28,7 @@ from ._util import (
     match_modules,
     set_module,
 )
-from .calibrate import input_groups, record_stats
+from .calibrate import LayerStats, input_groups, record_stats
 from .fit import fit_weight, whitened_problem
 from .options import (
     FitOptions,
@@ -102,11 +103,11 @@ def _fit_sequential(
         for g in groups
     ]
     # The original runs beside the copy in every pass (replayed too), so no activations
-    # beyond the replayed block outputs are ever kept; past a quarter of the model's bytes
+    # beyond the replayed block outputs are ever kept; past an eighth of the model's bytes
     # each, those go to disk, so memory does not grow with the number of batches.
     replays = {}
     if stack is not None:
-        bound = sum(p.numel() * p.element_size() for p in orig.parameters()) // 4
+        bound = sum(p.numel() * p.element_size() for p in orig.parameters()) // 8
         replays[id(work)] = BlockReplay(work, stack[1], batches, forward, bound)
         blocks = orig.get_submodule(stack[0])
         assert isinstance(blocks, nn.ModuleList)  # the same structure as in work
@@ -124,12 +125,16 @@ def _fit_sequential(
                     rep.advance(upto)
                     active.enter_context(rep.active())
                 gstats = record_stats(work, group, batches, replayed_forward, original=orig)
+            last = _last_readers(group, gstats)
             for name in group:
                 lp = by_name[name]
                 with _about(lp):
                     layer = _build(lp, linears[name], implementation)
-                    problem = whitened_problem(linears[name].weight, gstats.get(name))
+                    problem = whitened_problem(
+                        linears[name].weight, gstats.get(name), consume=name in last
+                    )
                     lp.error = fit_weight(layer.weight, problem, refine_steps)
+                    del problem
                 built[name] = layer
                 # In place the layer goes in as it is and the dense one is let go (memory
                 # shrinks as fitting goes on; a failure restores it from the original); in
@@ -138,9 +143,19 @@ def _fit_sequential(
                 if in_place:
                     del linears[name], modules[name]
                 tick()
+            # The group's statistics and workspaces, freed now, are of sizes the next
+            # group seldom reuses: their pages go back rather than stay resident.
+            del gstats
+            return_free_pages()
     finally:
         for rep in replays.values():
             rep.close()
+
+
+def _last_readers(names: Sequence[str], stats: dict[str, LayerStats]) -> set[str]:
+    """The names in ``names`` after which no later name reads the same statistics."""
+    last = {id(st): n for n in names if (st := stats.get(n)) is not None}
+    return set(last.values())
 
 
 def tensorize(
@@ -260,11 +275,14 @@ def tensorize(
     else:
         if batches is not None and stats is None:
             stats = record_stats(model, list(by_name), batches, forward)
+        last = _last_readers([lp.name for lp in layers], stats or {})
         for lp in layers:
             with _about(lp):
                 layer = _build(lp, linears[lp.name], implementation)
                 problem = whitened_problem(
-                    linears[lp.name].weight, stats.get(lp.name) if stats else None
+                    linears[lp.name].weight,
+                    stats.get(lp.name) if stats else None,
+                    consume=lp.name in last,
                 )
                 lp.error = fit_weight(
                     layer.weight, problem, refine_steps, data_aware=stats is not None
