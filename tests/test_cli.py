@@ -38,6 +38,20 @@ def test_compress_rejects_a_missing_directory(
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_a_malformed_argument_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compress", str(tmp_path), "--budget", "half"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "tensorfold compress: error: argument --budget: invalid float value: 'half' "
+        "(see tensorfold compress --help)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_lists_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
