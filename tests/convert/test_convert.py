@@ -12,6 +12,7 @@ import tensorfold
 from tensorfold import ConversionError, FactorizedLinear
 from tensorfold.convert import core as core_mod
 from tensorfold.convert import plan, revert, tensorize
+from tensorfold.convert.distill import trainable_parameters
 from tensorfold.formats import names
 
 
@@ -357,6 +358,32 @@ def test_distill_matches_intermediate_features_and_trains_norms() -> None:
         tensorfold.convert.distill(student, teacher, calib(1), steps=1, features="nothing")
     with pytest.raises(ConversionError, match="parameters='some'"):
         tensorfold.convert.distill(student, teacher, calib(1), steps=1, parameters="some")
+
+
+def test_factorized_plus_norms_trains_a_model_librarys_own_norm_classes() -> None:
+    class LlamaRMSNorm(nn.Module):  # as transformers writes it: not an nn.RMSNorm
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+    class Embedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 64))
+
+    model = nn.Sequential(Embedding(), nn.Linear(64, 64), LlamaRMSNorm(64), nn.Linear(64, 4))
+    tensorize(model, budget=0.5, targets=["1"], progress=False)
+    chosen = {id(p) for p in trainable_parameters(model, "factorized+norms")}
+    named = {n for n, p in model.named_parameters() if id(p) in chosen}
+    assert "2.weight" in named  # the norm
+    assert "3.bias" in named and "3.weight" not in named  # another bias, not its weight
+    assert "0.table" not in named
+    assert {n for n in named if n.startswith("1.")} == {
+        n for n, _ in model.named_parameters() if n.startswith("1.")
+    }
 
 
 def test_distill_with_checkpointed_blocks_is_the_same_run() -> None:

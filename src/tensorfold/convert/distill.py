@@ -37,6 +37,12 @@ __all__ = ["distill", "relative_mse", "trainable_parameters"]
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A normalisation layer: torch's, or a model library's own class (``LlamaRMSNorm``,
+    ``T5LayerNorm``, ...), which subclass ``nn.Module`` directly and are known by name."""
+    return isinstance(m, _NORMS) or type(m).__name__.endswith("Norm")
+
+
 def relative_mse(student: Tensor, teacher: Tensor) -> Tensor:
     """``||s - t||^2 / ||t||^2`` over the batch."""
     return (student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-12)
@@ -60,7 +66,7 @@ def trainable_parameters(student: nn.Module, parameters: str) -> list[nn.Paramet
         for m in student.modules():
             if isinstance(m, FactorizedLinear):
                 chosen = list(m.parameters())
-            elif isinstance(m, _NORMS):
+            elif _is_norm(m):
                 chosen = list(m.parameters(recurse=False))
             else:
                 chosen = [p for n, p in m.named_parameters(recurse=False) if n == "bias"]
