@@ -8,7 +8,7 @@
     python benchmarks/compress_scale.py --quick               # smoke run: a 2 x 128 encoder
     python benchmarks/compress_scale.py --checkpoint-blocks   # distil with recomputed blocks
     python benchmarks/compress_scale.py --activation-memory 0 # no bound on distillation's
-                                                              # activations (default: 1x model)
+                                                              # activations (default: 'auto')
 
 Each size is a ``BertModel`` built from its config with random weights (vocabulary of
 8,000, ``bert-base``: 30,522; ``L x H`` = layers x hidden width, intermediate 4 H, H / 64
@@ -141,7 +141,7 @@ def worker(
     distill_steps: int,
     load_only: bool,
     checkpoint_blocks: bool,
-    activation_memory: float,
+    activation_memory: float | str,
 ) -> None:
     import torch
 
@@ -168,7 +168,7 @@ def worker(
             device="cpu",
             distill_steps=distill_steps,
             checkpoint_blocks=checkpoint_blocks,
-            activation_memory=activation_memory or None,
+            activation_memory=activation_memory or None,  # 0: no bound
             progress=False,
             seed=0,
         )
@@ -190,6 +190,11 @@ def worker(
             "formats": sorted({lp.factorization for lp in r.report.layers}),
             "quality_after": {k: str(v) for k, v in r.after.items()},
         }
+        if activation_memory == "auto":
+            from tensorfold.pretrained.pipeline import auto_activation_memory
+
+            model_bytes = sum(p.numel() * p.element_size() for p in r.teacher.parameters())
+            out["activation_memory"] = auto_activation_memory(r.student, model_bytes)
     out["threads"] = torch.get_num_threads()
     out["self_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(result).write_text(json.dumps(out))
@@ -236,7 +241,7 @@ def in_child(
 
 
 def measure(
-    name: str, distill_steps: int, checkpoint_blocks: bool, activation_memory: float
+    name: str, distill_steps: int, checkpoint_blocks: bool, activation_memory: float | str
 ) -> dict[str, Any]:
     layers, hidden, vocab = SIZES[name]
     with tempfile.TemporaryDirectory(prefix=f"tf-scale-{name}-") as tmp:
@@ -276,10 +281,16 @@ def measure(
         "load_average_after": os.getloadavg()[0],
         **{k: res[k] for k in ("counts", "kept", "distill_steps_done", "formats", "threads")},
         "quality_after": res["quality_after"],
+        # the activation bound distillation used, in model bytes ('auto' resolved)
+        "activation_memory": res.get("activation_memory", activation_memory or None),
         # seconds from the child's start: resident bytes, and the end of each stage
         "timeline": [(round(t - samples[0][0], 2), b) for t, b in samples[1:]],
         "stage_ends": [(round(t - samples[0][0], 2), stage) for t, stage in res["marks"]],
     }
+
+
+def _bound(multiple: float | str | None) -> str:
+    return "none" if multiple is None else f"{float(multiple):.2f}"
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -292,15 +303,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Each compression in a fresh subprocess: `CompressConfig(task='encoder', budget=0.5, "
         f"distill_steps={meta['distill_steps']}"
         + (", checkpoint_blocks=True" if meta.get("checkpoint_blocks") else "")
-        + f", activation_memory={meta.get('activation_memory') or None}"
+        + f", activation_memory={meta.get('activation_memory') or None!r}"
         + ")`, default counts (calibration / distillation "
         "/ held-out sentences below). Peak = the child's `ru_maxrss`; floor = a child that "
         "imports and loads the model and runs it once on a batch of 32 long sentences.",
         "",
         "| size | params | model MiB | calib/distil/eval | load s | fit s | distill s | "
         "total s | s per M params | peak MiB | floor MiB | peak / model | "
-        "(peak - floor) / model | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(peak - floor) / model | activations / model | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, c = r["seconds"], r["counts"]
@@ -310,7 +321,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{c['evaluation']} | {s['load']:.0f} | {s['fit']:.0f} | {s['distill']:.0f} | "
             f"{s['total']:.0f} | {r['seconds_per_million_parameters']:.1f} | "
             f"{r['peak_rss_bytes'] / mib:.0f} | {r['floor_rss_bytes'] / mib:.0f} | "
-            f"{r['peak_over_model']:.1f} | {r['peak_minus_floor_over_model']:.1f} | "
+            f"{r['peak_over_model']:.1f} | {r['peak_minus_floor_over_model']:.2f} | "
+            f"{_bound(r.get('activation_memory'))} | "
             f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f} |"
         )
     for note in meta.get("notes", []):
@@ -330,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--activation-memory",
-        type=float,
-        default=1.0,
+        type=lambda text: text if text == "auto" else float(text),
+        default="auto",
         help="CompressConfig(activation_memory=...): distillation's activation bound as a "
-        "multiple of the model's bytes (0: none)",
+        "multiple of the model's bytes, or 'auto' (the default; 0: none)",
     )
     ap.add_argument("--out", type=Path, default=None)
     # Internal: the child processes.

@@ -107,6 +107,15 @@ def _zero_means_none(what: str) -> Callable[[str], float | None]:
     return parse
 
 
+def _auto_or(parse: Callable[[str], float | None]) -> Callable[[str], float | str | None]:
+    """An argparse type: ``'auto'`` as it is, anything else through ``parse``."""
+
+    def either(text: str) -> float | str | None:
+        return "auto" if text == "auto" else parse(text)
+
+    return either
+
+
 def _add_job_options(
     p: argparse.ArgumentParser, time_limit: float | None, distill_steps: int
 ) -> None:
@@ -162,11 +171,11 @@ def _add_job_options(
     )
     p.add_argument(
         "--activation-memory",
-        type=_zero_means_none("a number"),
-        default=1.0,
+        type=_auto_or(_zero_means_none("a number or 'auto'")),
+        default="auto",
         help="most activation bytes one distillation forward keeps, as a multiple of the "
-        "model's bytes: larger batches run in chunks whose gradients add up (default 1; "
-        "0: no bound)",
+        "model's bytes: larger batches run in chunks whose gradients add up (default "
+        "'auto': what keeps distillation within 3x the model; 0: no bound)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and order")
     p.add_argument(

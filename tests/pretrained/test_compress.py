@@ -344,9 +344,20 @@ def test_checkpointed_blocks_distil_the_same_student(
         torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("multiple", [1.0, 0.25, None])
+def test_activation_memory_takes_auto_or_a_number(
+    tiny_model: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compress", str(tiny_model("gpt2")), "--activation-memory", "lots"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "argument --activation-memory: 'lots' is not a number or 'auto'" in err
+
+
+@pytest.mark.parametrize("multiple", [1.0, 0.25, None, "auto"])
 def test_activation_memory_bounds_distillation_by_the_models_bytes(
-    multiple: float | None,
+    multiple: float | str | None,
     tiny_model: Callable[[str], Path],
     text_file: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -365,7 +376,17 @@ def test_activation_memory_bounds_distillation_by_the_models_bytes(
     r = compress(config, print_fn=lambda s: None)
     model_bytes = sum(p.numel() * p.element_size() for p in r.teacher.parameters())
     (options,) = given
-    expected = None if multiple is None else int(multiple * model_bytes)
+    if multiple == "auto":
+        # What the student trains (factors and norms: Llama has no biases), with their
+        # gradients and AdamW's two moments, plus the activations: 2.25x the model.
+        from tensorfold.nn import FactorizedLinear
+
+        factorized = [m for m in r.student.modules() if isinstance(m, FactorizedLinear)]
+        trained = sum(p.numel() * 4 for m in factorized for p in m.parameters())
+        trained += sum(p.numel() * 4 for n, p in r.student.named_parameters() if "norm" in n)
+        assert 0 < 4 * trained < 2.0 * model_bytes  # the floor of 0.25 is not reached
+        multiple = max(0.25, 2.25 - 4 * trained / model_bytes)
+    expected = None if multiple is None else int(float(multiple) * model_bytes)
     assert options.activation_bytes == expected  # type: ignore[attr-defined]
     assert r.distill_steps_done > 0
 

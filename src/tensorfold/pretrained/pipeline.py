@@ -24,7 +24,7 @@ from ..convert._memory import (
     release_free_memory,
 )
 from ..convert._util import batch_elements, match_modules
-from ..convert.distill import distill
+from ..convert.distill import distill, trainable_parameters
 from ..convert.options import (
     DistillOptions,
     FitOptions,
@@ -52,6 +52,12 @@ _DEFAULT_COUNTS = {
 }
 # Share of --time-limit that calibration and fitting may take; distillation gets the rest.
 _FIT_SHARE = 0.4
+# activation_memory='auto': distillation's share of memory, in the model's bytes, before the
+# trained parameters, their gradients and AdamW's two moments take theirs (the rest of the
+# 3x-the-model target is what the allocator holds beyond live tensors), and its floor.
+_AUTO_DISTILL_MEMORY = 2.25
+_AUTO_MIN_ACTIVATIONS = 0.25
+_DISTILLED = "factorized+norms"  # the parameters distillation trains
 
 
 @dataclass
@@ -94,7 +100,10 @@ class CompressConfig:
             for its backward pass, as a multiple of the model's parameter bytes: larger
             batches run in chunks whose gradients add up to the batch's
             (``DistillOptions.activation_bytes``): the same steps in expectation, a little
-            slower. ``None``: no bound.
+            slower. ``'auto'``: 2.25 minus 4x the trained parameters' share of the model's
+            bytes (they, their gradients and AdamW's two moments), at least 0.25, so that
+            distillation stays within 3x the model (0.5 for a model whose linear layers
+            are nearly all of it, kept at half; 1.3 for MiniLM). ``None``: no bound.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
@@ -120,7 +129,7 @@ class CompressConfig:
     refine_steps: int = 50
     factor_dtype: str | None = None
     checkpoint_blocks: bool = False
-    activation_memory: float | None = 1.0
+    activation_memory: float | str | None = "auto"
     progress: bool = True
     seed: int = 0
 
@@ -177,14 +186,14 @@ def check_config(config: CompressConfig) -> torch.device:
         raise ConversionError(
             f"checkpoint_blocks={config.checkpoint_blocks!r} must be True or False"
         )
-    if config.activation_memory is not None and not (
+    if config.activation_memory not in (None, "auto") and not (
         isinstance(config.activation_memory, (int, float))
         and not isinstance(config.activation_memory, bool)
         and 0 < config.activation_memory < math.inf
     ):
         raise ConversionError(
             f"activation_memory={config.activation_memory!r} must be a multiple of the "
-            "model's bytes > 0 (or None: no bound)"
+            "model's bytes > 0, 'auto' or None (no bound)"
         )
     if config.dtype not in models.DTYPES:
         raise ConversionError(f"dtype={config.dtype!r} must be one of {', '.join(models.DTYPES)}")
@@ -428,6 +437,13 @@ def _evaluate(
         return {name: task.compare(student, b, refs[name]) for name, b in evals.items()}
 
 
+def auto_activation_memory(student: nn.Module, model_bytes: int) -> float:
+    """``activation_memory='auto'`` for ``student``, distilled as ``compress`` does it."""
+    params = trainable_parameters(student, _DISTILLED)
+    trained = sum(p.numel() * p.element_size() for p in params) / max(1, model_bytes)
+    return max(_AUTO_MIN_ACTIVATIONS, _AUTO_DISTILL_MEMORY - 4 * trained)
+
+
 def _distill(
     config: CompressConfig,
     task: ModelTask,
@@ -445,18 +461,17 @@ def _distill(
         steps = min(steps, max(1, math.ceil(config.distill_tokens / per_batch)))
     max_seconds = None if deadline is None else max(1e-3, deadline - time.perf_counter())
     model_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    activation_bytes = (
-        None
-        if config.activation_memory is None
-        else max(1, int(config.activation_memory * model_bytes))
-    )
+    multiple = config.activation_memory
+    if multiple == "auto":
+        multiple = auto_activation_memory(student, model_bytes)
+    activation_bytes = None if multiple is None else max(1, int(float(multiple) * model_bytes))
     losses: list[float] = []
     try:
         options = DistillOptions(
             steps=steps,
             lr=config.lr,
             features=block_features(student, names),
-            parameters="factorized+norms",
+            parameters=_DISTILLED,
             max_seconds=max_seconds,
             # Skipping the teacher's forward pays, but memory must not grow with the data:
             # past a quarter of the teacher's parameter bytes, outputs go to disk.
