@@ -630,3 +630,29 @@ def test_training_sentences_are_disjoint_from_evaluation() -> None:
     cal, ev = calibration_and_evaluation_sentences(64, 128)
     train = training_sentences(128)
     assert train[:64] == cal and not set(train) & set(ev) and len(train) > 1000
+
+
+def test_distill_checks_memory_growth_after_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    distill_mod = importlib.import_module("tensorfold.convert.distill")
+
+    made: list[object] = []
+
+    class Recorder:
+        def __init__(self, margin: int) -> None:
+            self.margin, self.calls = margin, 0
+            made.append(self)
+
+        def __call__(self) -> bool:
+            self.calls += 1
+            return False
+
+    monkeypatch.setattr(distill_mod, "TrimOnGrowth", Recorder)
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    tensorize(student, budget=0.3, calibration=calib(2), progress=False)
+    losses = tensorfold.convert.distill(student, teacher, calib(3), steps=4, progress=False)
+    (rec,) = made
+    assert rec.calls == len(losses) == 4  # type: ignore[attr-defined]
+    assert rec.margin == 16 << 20  # a tiny student: the floor of the margin

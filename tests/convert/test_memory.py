@@ -116,3 +116,33 @@ def test_forwards_free_pages_first_only_inside_the_block_and_keep_their_outputs(
     assert torch.equal(y, expected)
     outer(x)
     assert trims == [0, 0]  # the hook is gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_resident_bytes_follows_a_touched_allocation() -> None:
+    before = _memory.resident_bytes()
+    assert before is not None and before > 0
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page touched
+    after = _memory.resident_bytes()
+    assert after is not None and after - before >= 48 << 20
+    del block
+
+
+def test_trim_on_growth_trims_only_past_the_margin(
+    trims: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rss = iter([100, 140, 150, 400, 250, 300, 520, 300])
+    monkeypatch.setattr(_memory, "resident_bytes", lambda: next(rss))
+    trim = _memory.TrimOnGrowth(margin=200)
+    got = [trim() for _ in range(3)]  # marks 100, then 140 and 150 are within the margin
+    assert got == [False, False, False] and trims == []
+    assert trim() is True and trims == [0]  # 400: grew by 300; the mark is now 250
+    assert trim() is False  # 300
+    assert trim() is True and trims == [0, 0] and trim.trims == 2  # 520 - 250 >= 200
+
+
+def test_trim_on_growth_does_nothing_without_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(_memory, "resident_bytes", lambda: 10**12)
+    trim = _memory.TrimOnGrowth(margin=1)
+    assert [trim(), trim()] == [False, False] and trim.trims == 0

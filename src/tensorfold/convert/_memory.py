@@ -13,14 +13,17 @@ import contextlib
 import ctypes
 import functools
 import gc
+import os
 import sys
 from collections.abc import Callable, Iterator
 
 from torch import nn
 
 __all__ = [
+    "TrimOnGrowth",
     "free_pages_before_forwards",
     "release_free_memory",
+    "resident_bytes",
     "return_free_pages",
 ]
 
@@ -68,3 +71,44 @@ def free_pages_before_forwards(*models: nn.Module) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), or ``None`` where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * _page_size()
+
+
+@functools.cache
+def _page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+class TrimOnGrowth:
+    """Return the free pages only when resident memory has grown by ``margin`` bytes since
+    the last return: a loop whose working set is steady but whose freed blocks seldom fit
+    the next allocations (batches of every length) creeps upwards; trimming at every
+    iteration stops that too, but pays for faulting the pages in again each time."""
+
+    def __init__(self, margin: int) -> None:
+        self.margin = margin
+        self.mark: int | None = None
+        self.trims = 0
+
+    def __call__(self) -> bool:
+        """Check, and return the free pages if memory grew by the margin; whether it did."""
+        now = resident_bytes()
+        if now is None or _malloc_trim() is None:
+            return False
+        if self.mark is None or now - self.mark < self.margin:
+            if self.mark is None:
+                self.mark = now
+            return False
+        return_free_pages()
+        self.trims += 1
+        self.mark = resident_bytes() or now
+        return True

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..nn import FactorizedLinear
+from ._memory import TrimOnGrowth
 from ._util import (
     as_batches,
     batch_elements,
@@ -307,6 +308,11 @@ def distill(
         return hit
 
     losses = [] if losses is None else losses
+    # Resident memory creeps up step by step as batches of every length leave holes that
+    # later ones do not fit; past an eighth of the student's bytes (16 MiB at least, below
+    # which the creep is noise) the free pages go back.
+    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    trim = TrimOnGrowth(max(16 << 20, student_bytes // 8))
     start = time.perf_counter()
     # Parameters that are not trained get no gradients (memory and time), for the run only.
     trained = {id(p) for p in params}
@@ -348,6 +354,7 @@ def distill(
                     group["lr"] = lr * _lr_factor(done, opts.warmup)
                 opt.step()
                 losses.append(total)
+                trim()
     finally:
         for taps in (s_taps, t_taps):
             if taps is not None:
