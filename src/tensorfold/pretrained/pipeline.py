@@ -102,8 +102,9 @@ class CompressConfig:
             (``DistillOptions.activation_bytes``): the same steps in expectation, a little
             slower. ``'auto'``: 2.25 minus 4x the trained parameters' share of the model's
             bytes (they, their gradients and AdamW's two moments), at least 0.25, so that
-            distillation stays within 3x the model (0.5 for a model whose linear layers
-            are nearly all of it, kept at half; 1.3 for MiniLM). ``None``: no bound.
+            distillation stays within 3x the model (0.4 for an encoder whose linear layers
+            are nearly all of it, kept at half; 1.3 for MiniLM, whose embeddings are half
+            of it). ``None``: no bound.
         progress: show progress bars.
         seed: the seed of the data split and of distillation's order.
     """
