@@ -131,14 +131,15 @@ def test_resident_bytes_follows_a_touched_allocation() -> None:
 def test_trim_on_growth_trims_only_past_the_margin(
     trims: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rss = iter([100, 140, 150, 400, 250, 300, 520, 300])
+    rss = iter([100, 140, 150, 400, 250, 380, 520, 600])
     monkeypatch.setattr(_memory, "resident_bytes", lambda: next(rss))
     trim = _memory.TrimOnGrowth(margin=200)
     got = [trim() for _ in range(3)]  # marks 100, then 140 and 150 are within the margin
     assert got == [False, False, False] and trims == []
-    assert trim() is True and trims == [0]  # 400: grew by 300; the mark is now 250
-    assert trim() is False  # 300
-    assert trim() is True and trims == [0, 0] and trim.trims == 2  # 520 - 250 >= 200
+    assert trim() is True and trims == [0]  # 400: grew by 300; the mark is now 400
+    # Back down after the trim, then up to the working set again: no trim below 400 + 200.
+    assert [trim(), trim(), trim()] == [False, False, False]
+    assert trim() is True and trims == [0, 0] and trim.trims == 2  # 600
 
 
 def test_trim_on_growth_does_nothing_without_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> None:

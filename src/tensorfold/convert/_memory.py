@@ -89,10 +89,12 @@ def _page_size() -> int:
 
 
 class TrimOnGrowth:
-    """Return the free pages only when resident memory has grown by ``margin`` bytes since
-    the last return: a loop whose working set is steady but whose freed blocks seldom fit
-    the next allocations (batches of every length) creeps upwards; trimming at every
-    iteration stops that too, but pays for faulting the pages in again each time."""
+    """Return the free pages when resident memory has climbed ``margin`` bytes above the
+    highest level it was trimmed at (or first seen at): a loop whose working set is steady
+    but whose freed blocks seldom fit the next allocations (batches of every length)
+    creeps upwards. After a trim the loop grows back to its working set, below that level,
+    so trims stay rare: each costs the pages faulted in again. Checking is one read of
+    ``/proc/self/statm``."""
 
     def __init__(self, margin: int) -> None:
         self.margin = margin
@@ -110,5 +112,5 @@ class TrimOnGrowth:
             return False
         return_free_pages()
         self.trims += 1
-        self.mark = resident_bytes() or now
+        self.mark = now
         return True
