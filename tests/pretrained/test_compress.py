@@ -355,6 +355,25 @@ def test_activation_memory_takes_auto_or_a_number(
     assert "argument --activation-memory: 'lots' is not a number or 'auto'" in err
 
 
+@pytest.mark.parametrize(
+    "flag, expected", [([], "auto"), (["auto"], "auto"), (["2"], 2.0), (["0"], None)]
+)
+def test_activation_memory_reaches_the_config_from_the_cli(
+    flag: list[str],
+    expected: float | str | None,
+    tiny_model: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tensorfold.pretrained as pretrained
+
+    seen: list[object] = []
+    monkeypatch.setattr(pretrained, "compress", lambda config: seen.append(config))
+    args = ["--activation-memory", *flag] if flag else []
+    assert cli.main(["compress", str(tiny_model("gpt2")), *args]) == 0
+    (config,) = seen
+    assert config.activation_memory == expected  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("multiple", [1.0, 0.25, None, "auto"])
 def test_activation_memory_bounds_distillation_by_the_models_bytes(
     multiple: float | str | None,
