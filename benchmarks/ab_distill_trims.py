@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorfold
     from tensorfold.convert._memory import TrimOnGrowth, release_free_memory
-    from tensorfold.convert.options import DistillOptions, ModelCall
+    from tensorfold.convert.options import ModelCall
     from tensorfold.convert.planner import match_modules
     from tensorfold.pretrained import pipeline
     from tensorfold.pretrained.models import load
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     base = copy.deepcopy(teacher, memo=shared)
     del shared
     tensorfold.tensorize(base, budget=0.5, targets=targets, progress=False)
-    model_bytes = info["model_bytes"]
-    bound = pipeline.auto_activation_memory(base, model_bytes)
+    bound = pipeline.auto_activation_memory(base, info["model_bytes"])
 
     trimmers: list[TrimOnGrowth] = []
 
@@ -84,14 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in order:
             distill_module.TrimOnGrowth = Counted if kind == "trims on growth" else Never
             student = copy.deepcopy(base)
-            options = DistillOptions(
-                steps=a.steps,
-                features=pipeline.block_features(student, names),
-                parameters="factorized+norms",
-                cache_teacher=True,
-                cache_bytes=model_bytes // 4,
-                activation_bytes=int(bound * model_bytes),
-            )
+            options = pipeline.distill_options(config, student, teacher, names, a.steps)
             release_free_memory()  # as compress does before distilling
             t = time.perf_counter()
             distill_module.distill(

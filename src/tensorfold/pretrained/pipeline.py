@@ -445,6 +445,34 @@ def auto_activation_memory(student: nn.Module, model_bytes: int) -> float:
     return max(_AUTO_MIN_ACTIVATIONS, _AUTO_DISTILL_MEMORY - 4 * trained)
 
 
+def distill_options(
+    config: CompressConfig,
+    student: nn.Module,
+    teacher: nn.Module,
+    names: list[str],
+    steps: int,
+    max_seconds: float | None = None,
+) -> DistillOptions:
+    """How :func:`compress` distils ``student`` (its converted layers ``names``)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    multiple = config.activation_memory
+    if multiple == "auto":
+        multiple = auto_activation_memory(student, model_bytes)
+    return DistillOptions(
+        steps=steps,
+        lr=config.lr,
+        features=block_features(student, names),
+        parameters=_DISTILLED,
+        max_seconds=max_seconds,
+        # Skipping the teacher's forward pays, but memory must not grow with the data:
+        # past a quarter of the teacher's parameter bytes, outputs go to disk.
+        cache_teacher=True,
+        cache_bytes=model_bytes // 4,
+        checkpoint_blocks=config.checkpoint_blocks,
+        activation_bytes=None if multiple is None else max(1, int(float(multiple) * model_bytes)),
+    )
+
+
 def _distill(
     config: CompressConfig,
     task: ModelTask,
@@ -461,26 +489,9 @@ def _distill(
         per_batch = max(1, per_batch // max(1, len(batches)))
         steps = min(steps, max(1, math.ceil(config.distill_tokens / per_batch)))
     max_seconds = None if deadline is None else max(1e-3, deadline - time.perf_counter())
-    model_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    multiple = config.activation_memory
-    if multiple == "auto":
-        multiple = auto_activation_memory(student, model_bytes)
-    activation_bytes = None if multiple is None else max(1, int(float(multiple) * model_bytes))
+    options = distill_options(config, student, teacher, names, steps, max_seconds)
     losses: list[float] = []
     try:
-        options = DistillOptions(
-            steps=steps,
-            lr=config.lr,
-            features=block_features(student, names),
-            parameters=_DISTILLED,
-            max_seconds=max_seconds,
-            # Skipping the teacher's forward pays, but memory must not grow with the data:
-            # past a quarter of the teacher's parameter bytes, outputs go to disk.
-            cache_teacher=True,
-            cache_bytes=model_bytes // 4,
-            checkpoint_blocks=config.checkpoint_blocks,
-            activation_bytes=activation_bytes,
-        )
         distill(
             student,
             teacher,
