@@ -9,7 +9,13 @@ from reference import dense_weight
 from tensorfold.convert.planner import _allocate
 from tensorfold.errors import RankError
 from tensorfold.formats import get_format
-from tensorfold.formats.lowrank import gauge_count, gauge_fixed
+from tensorfold.formats.lowrank import (
+    builds_v,
+    gauge_count,
+    gauge_fixed,
+    next_rank_on_grid,
+    rank_on_grid,
+)
 from tensorfold.nn import FactorizedLinear
 
 LowRank = get_format("lowrank")
@@ -66,10 +72,35 @@ def test_assign_low_rank_writes_the_matrix_and_pads_a_smaller_one():
     assert not t.assign_low_rank_(torch.randn(12, 6), torch.randn(6, 16))  # over capacity
 
 
-def test_layer_forward_and_gradients_match_dense_float64():
+def test_rank_grid_steps_by_8_from_64_and_by_16_from_128():
+    assert [rank_on_grid(k) for k in (20, 63, 64, 71, 79, 127, 128, 143, 300)] == [
+        20, 63, 64, 64, 72, 120, 128, 128, 288,
+    ]  # fmt: skip
+    assert [next_rank_on_grid(k) for k in (0, 62, 63, 64, 120, 128)] == [1, 63, 64, 72, 128, 144]
+
+
+def test_ranks_from_counts_take_steps_of_the_grid():
+    # The largest rank on the grid within the count.
+    t = LowRank((384,), (512,), rank=0.3)
+    best = max(k for k in range(1, 385) if gauge_count(k, 384, 512) <= 0.3 * 384 * 512)
+    assert best == 71 and t.rank == 64
+    # Full rank is always allowed; small ranks keep every value.
+    assert LowRank((300,), (400,), rank="same").rank == 300
+    assert LowRank((48,), (64,), rank=0.5).rank == max(
+        k for k in range(1, 49) if gauge_count(k, 48, 64) <= 1536
+    )
+    # An explicit rank is the rank.
+    assert LowRank((384,), (512,), rank=101).rank == 101
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (3, 7, 24)])
+def test_layer_forward_and_gradients_match_dense_float64(shape):
     torch.manual_seed(2)
     layer = FactorizedLinear(24, 16, factorization="lowrank", rank=5, dtype=torch.float64)
-    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    # One row gathers the input, 21 rows build V: both forms are checked.
+    rows = math.prod(shape[:-1])
+    assert builds_v(rows, 5, 24) == (rows > 1)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     w = layer.weight.to_matrix()
     ref = x @ w.T + layer.bias
     y = layer(x)
@@ -143,6 +174,18 @@ def test_allocation_with_gauge_costs_spends_the_budget_on_larger_ranks():
         for n, s in gauge.items()
     }
     assert sum(rank_gauge.values()) > sum(rank_pair.values())
+
+
+def test_allocation_on_wide_layers_takes_rank_steps_within_the_budget():
+    lin = {n: torch.nn.Linear(384, 256) for n in "ab"}
+    spectra = {"a": torch.linspace(3, 1, 256) ** 2, "b": torch.linspace(1, 0.2, 256) ** 2}
+    shares = _allocate(lin, spectra, dict.fromkeys("ab", 1.0), 0.7, gauge=True)
+    assert sum(shares.values()) <= 0.7 * 2
+    ranks = {n: LowRank((256,), (384,), rank=s).rank for n, s in shares.items()}
+    assert all(k >= 128 and k % 16 == 0 for k in ranks.values())
+    assert {n: gauge_count(k, 256, 384) / (256 * 384) for n, k in ranks.items()} == shares
+    # Spent to within one step of terms.
+    assert sum(shares.values()) > 0.7 * 2 - 16 * (256 + 384) / (256 * 384)
 
 
 @pytest.mark.parametrize("implementation", ["factorized", "auto", "reconstructed"])

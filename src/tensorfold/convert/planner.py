@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConversionError
 from ..formats import get_format
+from ..formats.lowrank import next_rank_on_grid
 from ..nn import FactorizedLinear
 from ..shapes import tensorized_shape
 from ._util import (
@@ -305,34 +306,43 @@ def _allocate(
     (weighted output error they remove) / (parameters they cost) until the budget is spent.
     A term of a pair costs ``m + n``; with ``gauge`` (the gauge-fixed low-rank form) the
     ``j``-th costs ``m + n - 2j + 1``, so that ``k`` terms cost ``k (m + n - k)``. Greedy is
-    optimal for pairs because each layer's gains per parameter are non-increasing."""
+    optimal for pairs because each layer's gains per parameter are non-increasing. With
+    ``gauge``, terms are taken in the steps of ranks that the gauge-fixed form resolves
+    counts to (:func:`~tensorfold.formats.lowrank.rank_on_grid`)."""
     total = sum(lin.in_features * lin.out_features for lin in linears.values())
-    terms: dict[str, list[tuple[float, int]]] = {}  # per layer, (gain / cost, cost) by term
+    # Per layer, (gain / cost, cost, rank) of each step of terms.
+    terms: dict[str, list[tuple[float, int, int]]] = {}
     for name, lin in linears.items():
         m, n = lin.out_features, lin.in_features
         s2 = (spectra[name] / max(float(spectra[name].sum()), 1e-300)).tolist()
         cap = min(m, n, len(s2)) if gauge else max(1, min(len(s2), (m * n) // (m + n)))
         costs = [m + n - (2 * j - 1 if gauge else 0) for j in range(1, cap + 1)]
-        terms[name] = [(weights[name] * g / c, c) for g, c in zip(s2, costs, strict=False)]
-    # Each layer keeps its first term, then terms in order, the best next term first: a
+        terms[name] = []
+        j = 0
+        while j < cap:
+            nxt = min(cap, next_rank_on_grid(j) if gauge else j + 1)
+            gain, cost = sum(s2[j:nxt]), sum(costs[j:nxt])
+            terms[name].append((weights[name] * gain / cost, cost, nxt))
+            j = nxt
+    # Each layer keeps its first step, then steps in order, the best next step first: a
     # gauge-fixed term costs less than the one before it, so gains per parameter need not
     # fall, and a term is never kept before the ones above it.
-    ranks = dict.fromkeys(linears, 1)
+    kept = dict.fromkeys(linears, 1)  # steps kept per layer
     spent = sum(t[0][1] for t in terms.values())
     heap = [(-t[1][0], name) for name, t in terms.items() if len(t) > 1]
     heapq.heapify(heap)
     while heap:
         _, name = heapq.heappop(heap)
-        cost = terms[name][ranks[name]][1]
+        cost = terms[name][kept[name]][1]
         if spent + cost > budget * total:
             break
         spent += cost
-        ranks[name] += 1
-        if ranks[name] < len(terms[name]):
-            heapq.heappush(heap, (-terms[name][ranks[name]][0], name))
+        kept[name] += 1
+        if kept[name] < len(terms[name]):
+            heapq.heappush(heap, (-terms[name][kept[name]][0], name))
     count = (lambda k, m, n: k * (m + n - k)) if gauge else (lambda k, m, n: k * (m + n))
     return {
-        name: count(ranks[name], lin.out_features, lin.in_features)
+        name: count(terms[name][kept[name] - 1][2], lin.out_features, lin.in_features)
         / (lin.in_features * lin.out_features)
         for name, lin in linears.items()
     }

@@ -20,6 +20,37 @@ from torch import Tensor
 from ..errors import RankError
 from .base import FactorizedTensor, Modes, largest_fitting, register
 
+# GEMM kernels run up to twice as fast when a product's width (here the rank) is a multiple
+# of 16, and faster at multiples of 8 than at other widths (RESULTS, "Rank steps"): ranks
+# that fill a count take such steps where a step costs at most an eighth of the rank.
+_RANK_STEPS = ((128, 16), (64, 8))  # (from this rank on, steps of)
+# An indexed copy of one number costs about this many multiply-adds of a GEMM here
+# (RESULTS, "Low-rank forward").
+_INDEXED_COPY_COST = 64
+
+
+def rank_on_grid(rank: int) -> int:
+    """The largest rank ``<= rank`` in the steps ranks that fill a count take."""
+    for start, step in _RANK_STEPS:
+        if rank >= start:
+            return rank - rank % step
+    return rank
+
+
+def next_rank_on_grid(rank: int) -> int:
+    """The smallest rank ``> rank`` in those steps."""
+    for start, step in _RANK_STEPS:
+        if rank + 1 >= start:
+            return rank + step - rank % step
+    return rank + 1
+
+
+def builds_v(rows: int, rank: int, in_f: int) -> bool:
+    """Whether :meth:`LowRankTensor.linear` builds ``V`` for ``rows`` inputs instead of
+    gathering them: ``x V^T`` costs ``rank^2`` more multiply-adds per row than
+    ``x_1 + x_2 C^T`` but copies ``rank * in_f`` numbers by index once, not ``rows * in_f``."""
+    return rows * (_INDEXED_COPY_COST * in_f - rank * rank) > _INDEXED_COPY_COST * rank * in_f
+
 
 def gauge_count(rank: int, out_f: int, in_f: int) -> int:
     """Numbers held by one layer's ``U (out_f, rank)`` and ``C (rank, in_f - rank)``."""
@@ -99,9 +130,9 @@ class LowRankTensor(FactorizedTensor):
         cls, n_params: int, out_modes: Modes, in_modes: Modes, layer_shape: Modes
     ) -> int:
         out_f, in_f, n = math.prod(out_modes), math.prod(in_modes), math.prod(layer_shape)
-        return largest_fitting(
-            1, min(out_f, in_f), lambda k: n * gauge_count(k, out_f, in_f) <= n_params
-        )
+        full = min(out_f, in_f)
+        k = largest_fitting(1, full, lambda k: n * gauge_count(k, out_f, in_f) <= n_params)
+        return k if k == full else rank_on_grid(k)
 
     def _init_buffers(self) -> None:
         in_f = math.prod(self.in_modes)
@@ -139,12 +170,20 @@ class LowRankTensor(FactorizedTensor):
         return [u, v.reshape(*v.shape[:-1], *self.in_modes)]
 
     def linear(self, x: Tensor, indices: tuple[int, ...], bias: Tensor | None) -> Tensor | None:
-        """``x W^T + bias`` for one layer without building ``V``: gather, then two GEMMs."""
+        """``x W^T + bias`` for one layer, two GEMMs: on few rows the input is gathered
+        (``x P^T = [x_1 x_2]``, then ``x_1 + x_2 C^T``); on many, ``V^T`` is built by one
+        indexed copy of ``[I C]^T`` and multiplied (see :func:`builds_v`)."""
         u, coef = self._stored(indices)
         perm = self._perm()[indices] if indices else self._perm()
         k = int(self.rank)
-        rows = x.reshape(-1, x.shape[-1]).index_select(-1, perm)
-        inner = torch.addmm(rows[:, :k], rows[:, k:], coef.T)
+        flat = x.reshape(-1, x.shape[-1])
+        if builds_v(flat.shape[0], k, flat.shape[1]):
+            eye = torch.eye(k, dtype=coef.dtype, device=coef.device)
+            rows = torch.cat([eye, coef.T])
+            inner = flat @ rows.new_empty(rows.shape).index_copy(0, perm, rows)
+        else:
+            gathered = flat.index_select(-1, perm)
+            inner = torch.addmm(gathered[:, :k], gathered[:, k:], coef.T)
         out = F.linear(inner, u.reshape(-1, k), bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
