@@ -21,12 +21,16 @@ from ..errors import RankError
 from .base import FactorizedTensor, Modes, largest_fitting, register
 
 # GEMM kernels run up to twice as fast when a product's width (here the rank) is a multiple
-# of 16, and faster at multiples of 8 than at other widths (RESULTS, "Rank steps"): ranks
-# that fill a count take such steps where a step costs at most an eighth of the rank.
+# of 16, and faster at multiples of 8 than at other widths (RESULTS, "Low-rank forward and
+# rank steps"): ranks that fill a count take such steps where a step costs at most an
+# eighth of the rank.
 _RANK_STEPS = ((128, 16), (64, 8))  # (from this rank on, steps of)
-# An indexed copy of one number costs about this many multiply-adds of a GEMM here
-# (RESULTS, "Low-rank forward").
-_INDEXED_COPY_COST = 64
+# In the time of one GEMM multiply-add (on the CPU measured), gathering one input number
+# costs about 128 (the gather and the copy of x_1 into the sum) and building one number of
+# V about 256 (a transposed copy and an indexed one): fitted to where one form overtakes
+# the other on MiniLM's shapes (RESULTS, "Low-rank forward and rank steps").
+_GATHER_COST = 128
+_BUILD_COST = 256
 
 
 def rank_on_grid(rank: int) -> int:
@@ -48,8 +52,9 @@ def next_rank_on_grid(rank: int) -> int:
 def builds_v(rows: int, rank: int, in_f: int) -> bool:
     """Whether :meth:`LowRankTensor.linear` builds ``V`` for ``rows`` inputs instead of
     gathering them: ``x V^T`` costs ``rank^2`` more multiply-adds per row than
-    ``x_1 + x_2 C^T`` but copies ``rank * in_f`` numbers by index once, not ``rows * in_f``."""
-    return rows * (_INDEXED_COPY_COST * in_f - rank * rank) > _INDEXED_COPY_COST * rank * in_f
+    ``x_1 + x_2 C^T`` but builds ``rank * in_f`` numbers once instead of gathering
+    ``rows * in_f``."""
+    return rows * (_GATHER_COST * in_f - rank * rank) > _BUILD_COST * rank * in_f
 
 
 def gauge_count(rank: int, out_f: int, in_f: int) -> int:
