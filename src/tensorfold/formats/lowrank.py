@@ -184,8 +184,8 @@ class LowRankTensor(FactorizedTensor):
         flat = x.reshape(-1, x.shape[-1])
         if builds_v(flat.shape[0], k, flat.shape[1]):
             eye = torch.eye(k, dtype=coef.dtype, device=coef.device)
-            rows = torch.cat([eye, coef.T])
-            inner = flat @ rows.new_empty(rows.shape).index_copy(0, perm, rows)
+            stacked = torch.cat([eye, coef.T])  # [I C]^T, the rows of V^T in pivot order
+            inner = flat @ stacked.new_empty(stacked.shape).index_copy(0, perm, stacked)
         else:
             gathered = flat.index_select(-1, perm)
             inner = torch.addmm(gathered[:, :k], gathered[:, k:], coef.T)
