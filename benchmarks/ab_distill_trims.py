@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorfold
     from tensorfold.convert._memory import TrimOnGrowth, release_free_memory
-    from tensorfold.convert.options import ModelCall
     from tensorfold.convert.planner import match_modules
     from tensorfold.pretrained import pipeline
     from tensorfold.pretrained.models import load
@@ -86,15 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             options = pipeline.distill_options(config, student, teacher, names, a.steps)
             release_free_memory()  # as compress does before distilling
             t = time.perf_counter()
-            distill_module.distill(
-                student,
-                teacher,
-                batches,
-                options,
-                loss_fn=task.loss,
-                call=ModelCall(forward=task.forward),
-                progress=False,
-            )
+            pipeline.distill_task(task, student, teacher, batches, options, progress=False)
             seconds[kind].append(time.perf_counter() - t)
     distill_module.TrimOnGrowth = TrimOnGrowth
     print(f"{a.size}, vocabulary {a.vocab}, activation bound {bound:.2f}x the model")

@@ -32,10 +32,11 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -99,15 +100,9 @@ def form_ratios(repeats: int) -> list[dict[str, Any]]:
     return out
 
 
-@contextmanager
-def forced(build: bool) -> Iterator[None]:
+def forced(build: bool) -> Any:
     """One form at every row count."""
-    chosen = lowrank.builds_v
-    lowrank.builds_v = lambda rows, rank, in_f: build  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        lowrank.builds_v = chosen
+    return mock.patch.object(lowrank, "builds_v", lambda rows, rank, in_f: build)
 
 
 def gathering_always() -> Any:
@@ -115,15 +110,9 @@ def gathering_always() -> Any:
     return forced(False)
 
 
-@contextmanager
-def off_grid() -> Iterator[None]:
+def off_grid() -> Any:
     """Ranks as they were: the largest within each count."""
-    steps = lowrank._RANK_STEPS
-    lowrank._RANK_STEPS = ()
-    try:
-        yield
-    finally:
-        lowrank._RANK_STEPS = steps
+    return mock.patch.object(lowrank, "_RANK_STEPS", ())
 
 
 def minilm(repeats: int) -> dict[str, Any]:

@@ -106,9 +106,10 @@ class TrimOnGrowth:
         now = resident_bytes()
         if now is None or _malloc_trim() is None:
             return False
-        if self.mark is None or now - self.mark < self.margin:
-            if self.mark is None:
-                self.mark = now
+        if self.mark is None:
+            self.mark = now
+            return False
+        if now - self.mark < self.margin:
             return False
         return_free_pages()
         self.trims += 1

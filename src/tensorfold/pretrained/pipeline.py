@@ -492,19 +492,33 @@ def _distill(
     options = distill_options(config, student, teacher, names, steps, max_seconds)
     losses: list[float] = []
     try:
-        distill(
-            student,
-            teacher,
-            batches,
-            options,
-            loss_fn=task.loss,
-            call=ModelCall(forward=task.forward),
-            progress=config.progress,
-            losses=losses,
-        )
+        distill_task(task, student, teacher, batches, options, config.progress, losses)
     except KeyboardInterrupt:
         return len(losses), True
     return len(losses), False
+
+
+def distill_task(
+    task: ModelTask,
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: list[Any],
+    options: DistillOptions,
+    progress: bool = True,
+    losses: list[float] | None = None,
+) -> list[float]:
+    """:func:`~tensorfold.convert.distill` with ``task``'s forward and loss, as
+    :func:`compress` runs it."""
+    return distill(
+        student,
+        teacher,
+        batches,
+        options,
+        loss_fn=task.loss,
+        call=ModelCall(forward=task.forward),
+        progress=progress,
+        losses=losses,
+    )
 
 
 # ---- output --------------------------------------------------------------------------------
