@@ -656,3 +656,59 @@ def test_distill_checks_memory_growth_after_every_step(monkeypatch: pytest.Monke
     (rec,) = made
     assert rec.calls == len(losses) == 4  # type: ignore[attr-defined]
     assert rec.margin == 16 << 20  # a tiny student: the floor of the margin
+
+
+class SameMap(nn.Linear):
+    """A model library's subclass with its own forward of the same map (Falcon's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class Adapted(nn.Linear):
+    """A subclass whose forward adds something: not a plain linear map."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out)
+        self.extra = nn.Parameter(torch.full((d_out,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.extra
+
+
+def _with_subclass(cls: type[nn.Linear]) -> Tiny:
+    m = tiny()
+    for b in m.blocks:
+        old = b.up
+        b.up = cls(old.in_features, old.out_features)
+        b.up.load_state_dict(old.state_dict(), strict=False)
+    return m
+
+
+def test_a_subclass_computing_the_linear_map_is_converted_exactly_at_full_rank() -> None:
+    m = _with_subclass(SameMap)
+    x = calib(1, seed=3)[0]
+    with torch.no_grad():
+        y = m(x).double()
+    tensorize(m, budget=1.0, factorization="lowrank", calibration=calib(2), progress=False)
+    assert all(isinstance(b.up, FactorizedLinear) for b in m.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).double(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_subclasses_with_another_forward_and_torchs_own_are_left_alone() -> None:
+    m = _with_subclass(Adapted)
+    mha = nn.MultiheadAttention(24, 2)  # out_proj: torch's NonDynamicallyQuantizableLinear
+    m.add_module("attn", mha)
+    tensorize(m, budget=0.5, calibration=calib(2), progress=False)
+    assert all(type(b.up) is Adapted for b in m.blocks)
+    assert type(mha.out_proj) is not FactorizedLinear
+    assert all(isinstance(b.down, FactorizedLinear) for b in m.blocks)
+
+
+def test_no_candidate_error_names_the_subclasses_left_alone() -> None:
+    m = nn.Sequential(Adapted(8, 8), nn.ReLU(), Adapted(8, 4))
+    refused = r"left alone, subclasses of nn\.Linear.*0 \(Adapted\)"
+    with pytest.raises(ConversionError, match=refused):
+        plan(m, budget=0.5, progress=False)

@@ -23,7 +23,7 @@ def _no_timed_tie_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 VOCAB = 256
-KINDS = ("gpt2", "llama", "qwen2", "bert", "vit")
+KINDS = ("gpt2", "llama", "qwen2", "falcon", "bert", "vit")
 TEXT = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "A compressed model should behave like the original on new text.",
@@ -82,6 +82,18 @@ def build(kind: str, folder: Path) -> Path:
             transformers.Qwen2Config(
                 **small,
                 num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                bos_token_id=4,
+                eos_token_id=4,
+            )
+        )
+    elif kind == "falcon":  # its projections are FalconLinear, a subclass of nn.Linear
+        model = transformers.FalconForCausalLM(
+            transformers.FalconConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
                 vocab_size=VOCAB,
                 max_position_embeddings=64,
                 bos_token_id=4,

@@ -47,7 +47,7 @@ def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "bert", "vit"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "falcon", "bert", "vit"])
 def test_compress_save_and_from_pretrained_round_trip(
     kind: str,
     tiny_model: Callable[[str], Path],
@@ -86,7 +86,7 @@ def test_compress_save_and_from_pretrained_round_trip(
     summary = json.loads((out / "report.json").read_text())
     assert summary["counts"]["calibration"] == 8 and summary["counts"]["evaluation"] == 4
     held = summary["after"]["held-out"]
-    assert ("perplexity_ratio" in held) == (kind in ("gpt2", "llama", "qwen2"))
+    assert ("perplexity_ratio" in held) == (kind in ("gpt2", "llama", "qwen2", "falcon"))
     # The original layers' parameter count is what the plan says it was.
     original = models.load(tiny_model(kind)).model
     # The teacher is the original, untouched; the student shares only its embeddings.
@@ -122,7 +122,7 @@ def test_gpt2_conv1d_is_planned_and_lm_head_is_not(tiny_model: Callable[[str], P
     ]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "falcon", "bert", "vit"])
 def test_full_rank_tensorize_matches_the_original(
     kind: str, tiny_model: Callable[[str], Path]
 ) -> None:
@@ -697,3 +697,31 @@ def test_no_dense_weight_of_the_student_outlives_fitting(
     monkeypatch.setattr(pipeline, "distill", distill)
     compress(_config(tiny_model("bert"), None, text_file), print_fn=lambda s: None)
     assert len(dense) > 0 and alive == [0]
+
+
+def test_fused_expert_weights_are_counted_and_named() -> None:
+    """Mixture-of-experts models keep their experts in 3-D weights: compress says they stay
+    dense instead of leaving them out of its account silently."""
+    import transformers
+
+    from tensorfold.pretrained.pipeline import fused_expert_weights
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        vocab_size=64,
+    )
+    model = transformers.MixtralForCausalLM(config)
+    count, names = fused_expert_weights(model)
+    expected = {n: p.numel() for n, p in model.named_parameters() if p.dim() == 3}
+    assert expected and count == sum(expected.values())
+    experts = "model.layers.*.mlp.experts"
+    assert names == [f"{experts}.gate_up_proj", f"{experts}.down_proj"]
+    dense = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4))
+    assert fused_expert_weights(dense) == (0, [])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConversionError
@@ -133,14 +136,64 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A module tensorfold can replace: exactly ``nn.Linear``, or a ``Conv1D``."""
-    return type(module) is nn.Linear or is_conv1d(module)
+    """A module tensorfold can replace: ``nn.Linear``, a ``Conv1D``, or a model library's
+    subclass of ``nn.Linear`` whose forward computes the same map (Falcon's
+    ``FalconLinear``; see :func:`linear_subclass`)."""
+    return type(module) is nn.Linear or is_conv1d(module) or linear_subclass(module)
+
+
+# The probe runs once per module; the verdicts do not keep a model alive.
+_SUBCLASS_VERDICTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def linear_subclass(module: nn.Module) -> bool:
+    """Whether ``module`` is a subclass of ``nn.Linear`` that computes ``x W^T + b``.
+
+    torch's own subclasses are refused: their owners read the weight directly
+    (``nn.MultiheadAttention``'s ``out_proj``) or they are quantized. Any other subclass
+    with a floating-point weight is run once on a random input by its class's forward and
+    accepted when the result is ``F.linear``'s (so a LoRA or quantizing subclass, whose
+    forward adds or changes something, stays as it is)."""
+    cls = type(module)
+    if cls is nn.Linear or not isinstance(module, nn.Linear):
+        return False
+    if cls.__module__.split(".")[0] == "torch":
+        return False
+    seen = _SUBCLASS_VERDICTS.get(module)
+    if seen is not None:
+        return seen
+    weight = module.weight
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        verdict = False
+    elif weight.is_meta:  # nothing to run: trust a class that keeps nn.Linear's forward
+        verdict = cls.forward is nn.Linear.forward
+    else:
+        verdict = _computes_linear(module, weight)
+    _SUBCLASS_VERDICTS[module] = verdict
+    return verdict
+
+
+def _computes_linear(module: nn.Linear, weight: Tensor) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        try:
+            out = type(module).forward(module, x)
+        except Exception:  # a forward that needs more than one input tensor
+            return False
+        expected = F.linear(x, weight, module.bias)
+    if not isinstance(out, Tensor) or out.shape != expected.shape:
+        return False
+    tol = 1e-2 if weight.element_size() < 4 else 1e-5
+    return bool(torch.allclose(out, expected, rtol=tol, atol=tol * float(expected.abs().max())))
 
 
 def linear_view(module: nn.Module) -> nn.Linear:
-    """``module`` itself for an ``nn.Linear``; for a ``Conv1D`` an ``nn.Linear`` whose weight
-    is a transposed view of the same storage (no copy) and whose bias is the same tensor."""
-    if type(module) is nn.Linear:
+    """``module`` itself for an ``nn.Linear`` (or a subclass :func:`is_linear` accepts);
+    for a ``Conv1D`` an ``nn.Linear`` whose weight is a transposed view of the same storage
+    (no copy) and whose bias is the same tensor."""
+    if type(module) is nn.Linear or linear_subclass(module):
+        assert isinstance(module, nn.Linear)  # linear_subclass checked it
         return module
     if not is_conv1d(module):
         raise ConversionError(

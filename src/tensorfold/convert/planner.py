@@ -436,10 +436,20 @@ def plan(
     forward = how.forward
     names = match_modules(model, targets, exclude)
     if not names:
+        refused = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not is_linear(m)
+        ]
+        why = (
+            f"; left alone, subclasses of nn.Linear whose forward is not x W^T + b: {refused[:4]}"
+            if refused
+            else ""
+        )
         raise ConversionError(
             f"no nn.Linear module matches targets={targets!r} exclude={exclude!r} (nor Conv1D); "
             "the model's linear "
-            f"modules are {[n for n, m in model.named_modules() if is_linear(m)][:8]}"
+            f"modules are {[n for n, m in model.named_modules() if is_linear(m)][:8]}{why}"
         )
     linears = {n: linear_view(model.get_submodule(n)) for n in names}
     for n, lin in linears.items():

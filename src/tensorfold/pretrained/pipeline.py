@@ -228,6 +228,25 @@ def default_targets(model: nn.Module) -> list[str] | None:
     return None if stack is None else [f"{stack[0]}.*"]
 
 
+def fused_expert_weights(model: nn.Module) -> tuple[int, list[str]]:
+    """Parameters held in 3-D weights outside convolutions (mixture-of-experts layers keep
+    one matrix per expert in one tensor), which no linear-layer rule selects: their count
+    and their names with block indices as ``*``."""
+    count, names = 0, []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:
+                count += p.numel()
+                name = ".".join(
+                    "*" if part.isdigit() else part for part in f"{mod_name}.{p_name}".split(".")
+                )
+                if name not in names:
+                    names.append(name)
+    return count, names
+
+
 def block_features(model: nn.Module, names: list[str]) -> list[str] | None:
     """The outputs of the blocks that hold converted layers, matched in distillation."""
     stack = find_stack(model, names)
@@ -347,6 +366,13 @@ def compress(config: CompressConfig, print_fn: Callable[[str], None] = print) ->
         student, options, cal[: max(1, len(cal) // 4)], call=call, progress=config.progress
     )
     print_fn(str(plan))
+    fused, fused_names = fused_expert_weights(student)
+    if fused:
+        print_fn(
+            f"left dense: {fused:,} parameters in 3-D weights ({', '.join(fused_names[:4])}: "
+            "fused mixture-of-experts weights, which tensorfold does not convert); "
+            "the budget counts the linear layers above"
+        )
     # A stage's freed working memory stays resident (glibc keeps it for reuse) and the
     # next stage's tensors seldom fit its holes: each stage starts from what is live.
     release_free_memory()
