@@ -2,11 +2,14 @@
 
 Everything is first written to a temporary file in the target's own folder (the same file
 system), flushed to disk, then moved over the target with ``os.replace``, which is atomic.
+The result gets the permissions a plain ``open`` or ``mkdir`` would give it (``tempfile``
+makes its files and folders private to the owner).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["replacing", "replacing_dir", "atomic_write", "atomic_savefig"]
+
+
+def _usual_mode(path: Path, folder: bool) -> int:
+    """The mode of ``path`` if it exists, else what the process's umask gives a new one."""
+    if path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 @contextmanager
@@ -27,6 +39,7 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _usual_mode(path, folder=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +59,7 @@ def replacing_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        os.chmod(tmp, _usual_mode(path, folder=True))
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
