@@ -109,3 +109,13 @@ def test_unconverted_model_round_trips(tmp_path: Path) -> None:
     m = tiny()
     load(save(m, tmp_path / "d.safetensors"), fresh := tiny(seed=4))
     assert same_state(fresh, state(m))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_loaded_layers_take_the_mode_of_the_modules_they_replace(
+    converted: Tiny, tmp_path: Path, training: bool
+) -> None:
+    path = save(converted, tmp_path / "m.safetensors")
+    fresh = tiny(seed=123).train(training)
+    load(path, fresh)
+    assert {m.training for m in fresh.modules()} == {training}

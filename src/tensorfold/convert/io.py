@@ -188,7 +188,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         replacements[name] = layer.to(
             device=ref.device if ref is not None else None,
             dtype=ref.dtype if ref is not None else None,
-        )
+        ).train(current.training)  # in the mode of the module it replaces
     # The state_dict the model will have once the replacements are in place.
     expected: dict[str, torch.Size] = {}
     for key, value in model.state_dict().items():
