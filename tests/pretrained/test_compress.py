@@ -725,3 +725,25 @@ def test_fused_expert_weights_are_counted_and_named() -> None:
     assert names == [f"{experts}.gate_up_proj", f"{experts}.down_proj"]
     dense = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4))
     assert fused_expert_weights(dense) == (0, [])
+
+
+def test_default_targets_of_a_shared_layer_encoder_are_its_blocks() -> None:
+    """ALBERT runs one shared layer (a list of one): its projections are the targets, not
+    the pooler or the embedding projection."""
+    import transformers
+
+    from tensorfold.pretrained.pipeline import default_targets
+
+    config = transformers.AlbertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        embedding_size=16,
+        vocab_size=64,
+    )
+    model = transformers.AlbertModel(config)
+    targets = default_targets(model)
+    names = [lp.name for lp in tensorfold.plan(model, budget=0.5, targets=targets).layers]
+    assert len(names) == 6 and all(".albert_layers.0." in n for n in names)
+    assert default_targets(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))) is None

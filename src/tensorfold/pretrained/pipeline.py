@@ -222,10 +222,22 @@ def check_config(config: CompressConfig) -> torch.device:
 
 def default_targets(model: nn.Module) -> list[str] | None:
     """The linear layers of the model's block stack (attention and MLP projections), as
-    a glob pattern; ``None`` (every linear layer but the output head) if it has none."""
+    a glob pattern; ``None`` (every linear layer but the output head) if it has none.
+
+    A model whose blocks share one layer (ALBERT) or that has a single block holds its
+    stack in a list of one: the list with the most linear layers stands for it, so the
+    pooler and the embedding projection stay dense there too."""
     names = match_modules(model, None, None)
     stack = find_stack(model, names)
-    return None if stack is None else [f"{stack[0]}.*"]
+    if stack is not None:
+        return [f"{stack[0]}.*"]
+    held = [
+        (sum(n.startswith(f"{prefix}.") for n in names), prefix)
+        for prefix, module in model.named_modules()
+        if prefix and isinstance(module, nn.ModuleList)
+    ]
+    count, prefix = max(held, default=(0, ""))
+    return [f"{prefix}.*"] if count >= 2 else None
 
 
 def fused_expert_weights(model: nn.Module) -> tuple[int, list[str]]:
