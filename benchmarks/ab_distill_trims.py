@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load(str(folder), "encoder")
     task = task_for(loaded, 128, torch.device("cpu"))
     config = pipeline.CompressConfig(model_dir=str(folder), task="encoder", progress=False)
-    batches = task.batches(pipeline._split_data(config, task).distillation)
+    batches = task.distill_batches(pipeline._split_data(config, task).distillation)
     teacher = loaded.model
     targets = pipeline.default_targets(teacher)
     names = match_modules(teacher, targets, None)

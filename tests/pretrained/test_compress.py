@@ -747,3 +747,29 @@ def test_default_targets_of_a_shared_layer_encoder_are_its_blocks() -> None:
     names = [lp.name for lp in tensorfold.plan(model, budget=0.5, targets=targets).layers]
     assert len(names) == 6 and all(".albert_layers.0." in n for n in names)
     assert default_targets(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))) is None
+
+
+def test_text_encoders_distil_on_batches_of_sixteen_and_evaluate_on_thirty_two(
+    tiny_model: Callable[[str], Path],
+    text_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorfold.pretrained import pipeline, tasks
+
+    sizes: dict[str, set[int]] = {"distill": set(), "compare": set()}
+    real_distill = pipeline.distill
+    real_compare = tasks._TextEncoder.compare
+
+    def distill(student: nn.Module, teacher: nn.Module, batches: list, *a: object, **k: object):
+        sizes["distill"].update(len(b["input_ids"]) for b in batches)
+        return real_distill(student, teacher, batches, *a, **k)  # type: ignore[arg-type]
+
+    def compare(self: object, student: nn.Module, batches: list, reference: list) -> object:
+        sizes["compare"].update(len(b["input_ids"]) for b in batches)
+        return real_compare(self, student, batches, reference)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "distill", distill)
+    monkeypatch.setattr(tasks._TextEncoder, "compare", compare)
+    config = _config(tiny_model("bert"), None, text_file, evaluation_samples=40, distill_steps=2)
+    compress(config, print_fn=lambda s: None)
+    assert max(sizes["distill"]) == 16 and max(sizes["compare"]) == 32

@@ -520,7 +520,7 @@ def _distill(
     names: list[str],
     deadline: float | None,
 ) -> tuple[int, bool]:
-    batches = task.batches(parts.distillation)
+    batches = task.distill_batches(parts.distillation)
     steps = config.distill_steps
     if config.distill_tokens is not None:
         per_batch = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)

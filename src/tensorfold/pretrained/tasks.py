@@ -45,6 +45,9 @@ class ModelTask:
     """The behaviour of one kind of model; subclasses fill in the kind-specific parts."""
 
     batch_size = 32
+    # Batches of distillation; None: batch_size. Under a time limit more, smaller steps can
+    # reach a better student (RESULTS, "Distillation batch size").
+    distill_batch_size: int | None = None
 
     def __init__(self, loaded: Loaded, seq_len: int, device: torch.device) -> None:
         self.loaded, self.seq_len, self.device = loaded, seq_len, device
@@ -60,8 +63,12 @@ class ModelTask:
     def unit(self) -> str:
         return "texts"
 
-    def batches(self, samples: Sequence[Any]) -> list[Batch]:
+    def batches(self, samples: Sequence[Any], size: int | None = None) -> list[Batch]:
+        """Model inputs of ``size`` samples each (``None``: ``batch_size``)."""
         raise NotImplementedError
+
+    def distill_batches(self, samples: Sequence[Any]) -> list[Batch]:
+        return self.batches(samples, self.distill_batch_size)
 
     # ---- model calls -----------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -85,12 +92,15 @@ class ModelTask:
 
 
 class _TextEncoder(ModelTask):
-    def batches(self, samples: Sequence[str]) -> list[Batch]:
+    distill_batch_size = 16
+
+    def batches(self, samples: Sequence[str], size: int | None = None) -> list[Batch]:
+        size = size or self.batch_size
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]))  # less padding
         tok = self.loaded.processor
         out = []
-        for i in range(0, len(order), self.batch_size):
-            texts = [samples[j] for j in order[i : i + self.batch_size]]
+        for i in range(0, len(order), size):
+            texts = [samples[j] for j in order[i : i + size]]
             enc = tok(
                 texts, padding=True, truncation=True, max_length=self.seq_len, return_tensors="pt"
             )
@@ -128,14 +138,15 @@ class EncoderTask(_TextEncoder):
 class SentenceEmbeddingTask(_TextEncoder):
     """A sentence-transformers model: its own tokenizer call, pooling and normalisation."""
 
-    def batches(self, samples: Sequence[str]) -> list[Batch]:
+    def batches(self, samples: Sequence[str], size: int | None = None) -> list[Batch]:
+        size = size or self.batch_size
         model: Any = self.loaded.model
         model.max_seq_length = min(self.seq_len, model.max_seq_length or self.seq_len)
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
         tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in v5
         return [
-            _to(tokenize([samples[j] for j in order[i : i + self.batch_size]]), self.device)
-            for i in range(0, len(order), self.batch_size)
+            _to(tokenize([samples[j] for j in order[i : i + size]]), self.device)
+            for i in range(0, len(order), size)
         ]
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -159,10 +170,11 @@ class CausalLMTask(ModelTask):
         chunks = datamod.token_chunks(texts, self.loaded.processor, self.seq_len)
         return list(chunks.unbind(0))
 
-    def batches(self, samples: Sequence[Tensor]) -> list[Batch]:
+    def batches(self, samples: Sequence[Tensor], size: int | None = None) -> list[Batch]:
+        size = size or self.batch_size
         out = []
-        for i in range(0, len(samples), self.batch_size):
-            ids = torch.stack(list(samples[i : i + self.batch_size]))
+        for i in range(0, len(samples), size):
+            ids = torch.stack(list(samples[i : i + size]))
             out.append(_to({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, self.device))
         return out
 
@@ -205,13 +217,14 @@ class VisionTask(ModelTask):
             raise ConversionError("--data is required for a vision model: a folder of image files")
         return datamod.image_files(path)
 
-    def batches(self, samples: Sequence[Path]) -> list[Batch]:
+    def batches(self, samples: Sequence[Path], size: int | None = None) -> list[Batch]:
         from PIL import Image
 
+        size = size or self.batch_size
         out = []
-        for i in range(0, len(samples), self.batch_size):
+        for i in range(0, len(samples), size):
             images = []
-            for p in samples[i : i + self.batch_size]:
+            for p in samples[i : i + size]:
                 try:
                     with Image.open(p) as im:
                         images.append(im.convert("RGB"))
