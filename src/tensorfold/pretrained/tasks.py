@@ -68,6 +68,7 @@ class ModelTask:
         raise NotImplementedError
 
     def distill_batches(self, samples: Sequence[Any]) -> list[Batch]:
+        """Batches for distillation: ``distill_batch_size`` samples each."""
         return self.batches(samples, self.distill_batch_size)
 
     # ---- model calls -----------------------------------------------------------------
