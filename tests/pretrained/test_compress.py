@@ -725,6 +725,18 @@ def test_fused_expert_weights_are_counted_and_named() -> None:
     assert names == [f"{experts}.gate_up_proj", f"{experts}.down_proj"]
     dense = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4))
     assert fused_expert_weights(dense) == (0, [])
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    assert any(p.dim() == 3 for p in vit.parameters())  # position embeddings, class token
+    assert fused_expert_weights(vit) == (0, [])
 
 
 def test_default_targets_of_a_shared_layer_encoder_are_its_blocks() -> None:

@@ -241,15 +241,17 @@ def default_targets(model: nn.Module) -> list[str] | None:
 
 
 def fused_expert_weights(model: nn.Module) -> tuple[int, list[str]]:
-    """Parameters held in 3-D weights outside convolutions (mixture-of-experts layers keep
-    one matrix per expert in one tensor), which no linear-layer rule selects: their count
-    and their names with block indices as ``*``."""
+    """Parameters held in stacks of matrices outside convolutions (mixture-of-experts layers
+    keep one matrix per expert in one 3-D tensor), which no linear-layer rule selects: their
+    count and their names with block indices as ``*``. A 3-D parameter with a leading
+    dimension of one (a vision transformer's position embeddings, its class token) is no
+    stack."""
     count, names = 0, []
     for mod_name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             continue
         for p_name, p in module.named_parameters(recurse=False):
-            if p.dim() == 3:
+            if p.dim() == 3 and p.shape[0] > 1:
                 count += p.numel()
                 name = ".".join(
                     "*" if part.isdigit() else part for part in f"{mod_name}.{p_name}".split(".")
