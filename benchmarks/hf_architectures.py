@@ -303,24 +303,12 @@ def build(arch: Arch, folder: Path) -> None:
 
 
 # ---- the reload check (run in a child process) ---------------------------------------------
-def _tensors(out: Any) -> list[Any]:
-    """Every tensor in a model's output (a ModelOutput, a dict or a tuple), in order."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []  # a cache object, None, ...
-
-
 def check_reload(original_dir: str, out_dir: str, data: str) -> dict[str, Any]:
     """Run ``from_pretrained(out_dir)`` and ``load(out_dir, <original>)`` on one batch."""
     import torch
 
     import tensorfold
+    from tensorfold.convert._util import tensors_of  # a ModelOutput is a dict
     from tensorfold.nn.cache import InferenceCache
     from tensorfold.pretrained import models
     from tensorfold.pretrained.tasks import task_for
@@ -335,8 +323,8 @@ def check_reload(original_dir: str, out_dir: str, data: str) -> dict[str, Any]:
     rebuilt = tensorfold.from_pretrained(out_dir)
     loaded = tensorfold.load(out_dir, original.model)
     with torch.no_grad():
-        a = _tensors(task.forward(rebuilt, batch))
-        b = _tensors(task.forward(loaded, batch))
+        a = tensors_of(task.forward(rebuilt, batch))
+        b = tensors_of(task.forward(loaded, batch))
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         return {"outputs": [len(a), len(b)], "finite": False, "identical": False}
     floats = [(x, y) for x, y in zip(a, b, strict=True) if x.is_floating_point()]
