@@ -238,3 +238,46 @@ def test_int8_lowrank_model_saves_and_loads_with_its_permutation(tmp_path):
     assert torch.equal(fresh[0].weight.perm, net[0].weight.perm)
     with torch.no_grad():
         assert torch.equal(fresh(batches[0]), net(batches[0]))
+
+
+def _k_major(u: torch.Tensor, n_layer_modes: int = 0) -> bool:
+    """Whether ``U (*layers, *out_modes, k)`` is laid out as ``(*layers, k, *out_modes)``."""
+    return u.movedim(-1, n_layer_modes).is_contiguous() and not u.is_contiguous()
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_u_is_stored_k_major_through_copies_moves_and_loading(tmp_path, n_layers):
+    import copy
+
+    import tensorfold
+
+    layer = FactorizedLinear(64, 48, factorization="lowrank", rank=0.5, n_layers=n_layers)
+    n = 0 if n_layers == 1 else 1
+    assert _k_major(layer.weight.factors[0], n)
+    assert _k_major(copy.deepcopy(layer).weight.factors[0], n)
+    assert _k_major(layer.double().weight.factors[0], n)
+    fresh = FactorizedLinear(64, 48, factorization="lowrank", rank=0.5, n_layers=n_layers)
+    fresh.double().load_state_dict(layer.state_dict())
+    assert _k_major(fresh.weight.factors[0], n)
+    assert torch.equal(fresh.weight.factors[0], layer.weight.factors[0])
+    if n_layers == 1:  # a whole model written and read back, int8 factors too
+        net = torch.nn.Sequential(torch.nn.Linear(64, 48))
+        tensorfold.tensorize(net, budget=0.5, factorization="lowrank", progress=False)
+        tensorfold.quantize_factors(net)
+        tensorfold.save(net, tmp_path / "m.safetensors")
+        back = torch.nn.Sequential(torch.nn.Linear(64, 48))
+        tensorfold.load(tmp_path / "m.safetensors", back)
+        assert _k_major(back[0].weight.factors[0]) and _k_major(net[0].weight.factors[0])
+        assert _k_major(back[0].weight._stored_values()[0])  # dequantized the same way
+
+
+def test_one_row_forward_matches_dense_float64_with_k_major_u():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 80).double()
+    layer = FactorizedLinear.from_linear(
+        dense, factorization="lowrank", rank="same", implementation="auto"
+    ).eval()
+    assert _k_major(layer.weight.factors[0])
+    x = torch.randn(1, 1, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), atol=1e-10, rtol=0)

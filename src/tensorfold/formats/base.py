@@ -161,7 +161,10 @@ class FactorizedTensor(nn.Module):
         self.rank = resolved
         shapes = type(self).parameter_shapes(resolved, out_modes, in_modes, layer_shape)
         self.factors = nn.ParameterList(
-            [nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in shapes]
+            [
+                nn.Parameter(type(self).empty_factor(k, s, len(layer_shape), device, dtype))
+                for k, s in enumerate(shapes)
+            ]
         )
         letters = iter(_LETTERS)
         self._layer_letters = "".join(next(letters) for _ in layer_shape)
@@ -191,6 +194,19 @@ class FactorizedTensor(nn.Module):
     ) -> list[tuple[int, ...]]:
         """Shapes of the factors for a resolved rank."""
         raise NotImplementedError
+
+    @classmethod
+    def empty_factor(
+        cls,
+        index: int,
+        shape: tuple[int, ...],
+        n_layer_modes: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        """Uninitialised memory for factor ``index``, contiguous unless a format lays it
+        out otherwise for its forward (the strides survive copies, moves and loading)."""
+        return torch.empty(shape, device=device, dtype=dtype)
 
     @classmethod
     def subscripts(cls, layer: str, out: str, inp: str, fresh: Iterator[str]) -> tuple[str, ...]:
