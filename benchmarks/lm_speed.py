@@ -1,18 +1,26 @@
-"""Prefill and decode speed of compressed small causal LMs against the originals, on CPU.
+"""Prefill and decode speed of compressed causal LMs against the originals, on CPU.
 
     OMP_NUM_THREADS=1 python benchmarks/lm_speed.py [--budgets 0.5 0.25] [--repeats 9]
         [--prefill-tokens 512] [--new-tokens 64] [--batch-sizes 1 8] [--threads 1]
         [--compile] [--quick] [--out DIR]
 
-Subjects: the two small trained models of ``benchmarks/train_lms.py``
-(``benchmarks/models/gpt2-small-tf``, GPT-2 ``Conv1D`` layers; ``benchmarks/models/
-llama-small-tf``, Llama with grouped-query attention); run that script first if they are
-missing. For each model and budget a deep copy has the linear layers of its block stack
-(``*.h.*`` / ``*.layers.*``: attention and MLP projections, never the LM head or the
-embeddings) converted by ``tensorfold.tensorize(factorization='auto')``, calibrated on 16
-chunks of 128 tokens of the bundled corpus (speed depends on the shapes and ranks, not on
-how well they were fitted), and left as ``tensorize`` leaves it (``implementation='auto'``,
-the default inference cache).
+Subjects (``--models``): the two small trained models of ``benchmarks/train_lms.py``
+(``gpt2``: ``benchmarks/models/gpt2-small-tf``, GPT-2 ``Conv1D`` layers; ``llama``:
+``benchmarks/models/llama-small-tf``, Llama with grouped-query attention; 256 wide), run
+that script first if they are missing; and two random-weight models of realistic width
+built from configs, where decoding streams the weights from memory instead of the caches:
+``gpt2-wide`` (GPT-2 small's shapes: 12 blocks of 768, 50,257 tokens) and ``llama-wide``
+(TinyLlama's block shapes: 2,048 wide, MLP 5,632, 32 heads over 4 KV heads, 32,000 tokens;
+8 blocks instead of 22). For each model and budget a deep copy has the linear layers of
+its block stack (``*.h.*`` / ``*.layers.*``: attention and MLP projections, never the LM
+head or the embeddings) converted: the trained models by
+``tensorfold.tensorize(factorization='auto')``, calibrated on 16 chunks of 128 tokens of
+the bundled corpus; the random ones by ``FactorizedLinear`` layers of ``'lowrank'`` (what
+``'auto'`` picks on the trained ones) holding ``budget`` of each layer's parameters, with
+random factors (speed depends on the shapes and ranks, not on how well they were fitted;
+fitting 2,048 x 5,632 matrices would take minutes each). Every layer is left as
+``tensorize`` leaves it (``implementation='auto'``, the default inference cache). The
+random models are fed random token ids.
 
 Under ``torch.inference_mode()`` the original and the copies of one model are then timed in
 the same loop, in a random order every repeat (medians over repeats):
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import os
 import platform
@@ -64,6 +73,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"gpt2": ROOT / "models" / "gpt2-small-tf", "llama": ROOT / "models" / "llama-small-tf"}
+# Random-weight subjects of realistic width: (model_type, config fields).
+WIDE: dict[str, tuple[str, dict[str, int]]] = {
+    "gpt2-wide": ("gpt2", {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}),
+    "llama-wide": (
+        "llama",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            "max_position_embeddings": 2048,
+        },
+    ),
+}
 TARGETS = ["*.h.*", "*.layers.*"]  # the block stacks of GPT-2 and Llama
 CAL_CHUNKS, CAL_LEN, DECODE_PROMPT = 16, 128, 32
 MIB = 2.0**20
@@ -100,6 +125,44 @@ def decode(model: Callable[..., Any], prompt: torch.Tensor, steps: int) -> float
         total += time.perf_counter() - t0
         past = out.cache
     return total
+
+
+def random_model(model_type: str, fields: dict[str, int]) -> torch.nn.Module:
+    """A causal LM of ``model_type`` with random weights, built from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **fields)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def replace_random(model: torch.nn.Module, budget: float) -> list[FactorizedLinear]:
+    """Replace the block stack's linear layers (``Conv1D`` included) by ``'lowrank'``
+    layers holding ``budget`` of their parameters, with random factors."""
+    from transformers.pytorch_utils import Conv1D
+
+    new: list[FactorizedLinear] = []
+    for name, module in list(model.named_modules()):
+        if not any(fnmatch.fnmatch(name, t) for t in TARGETS):
+            continue
+        if isinstance(module, Conv1D):  # x @ weight + bias, weight (in, out)
+            in_f, out_f = module.weight.shape
+        elif type(module) is torch.nn.Linear:
+            out_f, in_f = module.weight.shape
+        else:
+            continue
+        layer = FactorizedLinear(
+            in_f,
+            out_f,
+            bias=module.bias is not None,
+            factorization="lowrank",
+            rank=budget,
+            implementation="auto",
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        new.append(layer)
+    return new
 
 
 def paths(model: torch.nn.Module, rows: int) -> Counter:
@@ -141,7 +204,9 @@ def commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=[*MODELS, *WIDE], metavar="MODEL"
+    )
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--factorization", default="auto")
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -159,7 +224,11 @@ def main() -> None:
         args.prefill_tokens = min(args.prefill_tokens, 64)
         args.new_tokens = min(args.new_tokens, 8)
     out_dir = Path(args.out or ("out/lm_speed" if args.quick else ROOT / "results"))
-    missing = [str(MODELS[m]) for m in args.models if not (MODELS[m] / "config.json").exists()]
+    missing = [
+        str(MODELS[m])
+        for m in args.models
+        if m in MODELS and not (MODELS[m] / "config.json").exists()
+    ]
     if missing:
         print(
             f"missing model folder(s): {', '.join(missing)}; "
@@ -176,43 +245,54 @@ def main() -> None:
     cal_text, eval_text = calibration_and_evaluation_sentences(512, 512)
     results: list[dict[str, Any]] = []
     for key in args.models:
-        folder = MODELS[key]
-        tok = AutoTokenizer.from_pretrained(folder)
-        original = AutoModelForCausalLM.from_pretrained(folder).eval()
-        ctx = context_length(original)
-        n_prefill = min(args.prefill_tokens, ctx)
+        if key in WIDE:
+            original = random_model(*WIDE[key])
+            n_prefill = min(args.prefill_tokens, context_length(original))
+            ids = torch.randint(0, original.config.vocab_size, (max(args.batch_sizes), n_prefill))
+            prefill_ids, decode_ids = ids[:1], ids[:, :DECODE_PROMPT]
+        else:
+            tok = AutoTokenizer.from_pretrained(MODELS[key])
+            original = AutoModelForCausalLM.from_pretrained(MODELS[key]).eval()
+            n_prefill = min(args.prefill_tokens, context_length(original))
+            prefill_ids = token_chunks(eval_text, tok, n_prefill)[:1]
+            decode_ids = token_chunks(eval_text, tok, DECODE_PROMPT)
         if n_prefill < args.prefill_tokens:
-            print(f"{key}: context is {ctx} tokens; prefill prompt cut to {n_prefill}")
-        cal_ids = token_chunks(cal_text, tok, CAL_LEN)[:CAL_CHUNKS]
-        calibration = [
-            {"input_ids": row[None], "attention_mask": torch.ones_like(row[None])}
-            for row in cal_ids
-        ]
-        held = token_chunks(eval_text, tok, n_prefill)
-        prefill_ids = held[:1]
-        decode_ids = token_chunks(eval_text, tok, DECODE_PROMPT)
+            print(f"{key}: context is {n_prefill} tokens; prefill prompt cut to it")
         prompts = {bs: decode_ids[:bs] for bs in args.batch_sizes}
 
         models: dict[str, Any] = {"original": original}
         info: dict[str, dict[str, Any]] = {}
         for budget in tqdm(args.budgets, desc=f"{key}: converting", unit="budget"):
             student = copy.deepcopy(original)
-            report = tensorize(
-                student,
-                budget=budget,
-                factorization=args.factorization,
-                targets=TARGETS,
-                calibration=calibration,
-                progress=False,
-            )
+            t0 = time.perf_counter()
+            if key in WIDE:
+                layers = replace_random(student, budget)
+                kept = sum(m.weight.num_parameters() for m in layers) / sum(
+                    m.in_features * m.out_features for m in layers
+                )
+                formats = dict(Counter(m.factorization for m in layers))
+            else:
+                cal_ids = token_chunks(cal_text, tok, CAL_LEN)[:CAL_CHUNKS]
+                report = tensorize(
+                    student,
+                    budget=budget,
+                    factorization=args.factorization,
+                    targets=TARGETS,
+                    calibration=[
+                        {"input_ids": row[None], "attention_mask": torch.ones_like(row[None])}
+                        for row in cal_ids
+                    ],
+                    progress=False,
+                )
+                kept, formats = report.kept, dict(Counter(lp.factorization for lp in report.layers))
             name = f"{budget:g}"
             models[name] = student.eval()
             info[name] = {
                 "budget": budget,
-                "kept": report.kept,
-                "layers": len(report.layers),
-                "formats": dict(Counter(lp.factorization for lp in report.layers)),
-                "convert_s": report.seconds,
+                "kept": kept,
+                "layers": sum(formats.values()),
+                "formats": formats,
+                "convert_s": time.perf_counter() - t0,
             }
         if args.compile:
             # One code object (the model class's forward) serves every compiled copy, and
@@ -313,7 +393,7 @@ def main() -> None:
     )
     case_names = ["prefill"] + [f"decode b{bs}" for bs in args.batch_sizes]
     lines = [
-        "# Compressed small causal LMs: prefill and decode speed against the originals",
+        "# Compressed causal LMs: prefill and decode speed against the originals",
         "",
         f"Commit `{commit()}`. Command: `python {' '.join(sys.argv)}`  ",
         f"Machine: {machine}.  ",
@@ -391,7 +471,7 @@ def main() -> None:
     labels = [f"{row['model']}\nbudget {row['variant']}" for row in results]
     ax.set_xticks(range(len(results)), labels, fontsize=8)
     ax.set_ylabel("speedup over the original")
-    ax.set_title("small causal LMs, block linears tensorized (CPU, fp32)", fontsize=10)
+    ax.set_title("causal LMs, block linears tensorized (CPU, fp32)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, out_dir / "lm_speed.png", dpi=110)
