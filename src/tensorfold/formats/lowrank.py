@@ -121,9 +121,10 @@ class LowRankTensor(FactorizedTensor):
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> Tensor:
-        # U (out, k) is stored k-major, as U^T: one input row's product with it streams
-        # rows of out_features numbers instead of rows of k, about 1.5x the bandwidth on
-        # the CPU (RESULTS, "Decode at realistic width"); many rows run as fast either way.
+        # U (out, k) is stored k-major, as U^T: one input row's product with it then
+        # streams rows of out_features numbers instead of rows of k, which the CPU's GEMV
+        # reads from memory much faster (RESULTS, "Decode at realistic width"); many rows
+        # run as fast either way.
         if index != 0:
             return torch.empty(shape, device=device, dtype=dtype)
         n = n_layer_modes
