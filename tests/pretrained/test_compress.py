@@ -80,6 +80,8 @@ def test_compress_save_and_from_pretrained_round_trip(
         loaded.state_dict().items(), result.student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+        assert a.stride() == b.stride(), name  # the layout ('lowrank''s U k-major) too
+    assert any(not t.is_contiguous() for t in loaded.state_dict().values())
     torch.testing.assert_close(_out(loaded, batch), _out(result.student, batch))
     assert (out / "report.png").stat().st_size > 1000
     assert "tensorfold report" in (out / "report.txt").read_text()
