@@ -15,12 +15,12 @@ built from configs, where decoding streams the weights from memory instead of th
 its block stack (``*.h.*`` / ``*.layers.*``: attention and MLP projections, never the LM
 head or the embeddings) converted: the trained models by
 ``tensorfold.tensorize(factorization='auto')``, calibrated on 16 chunks of 128 tokens of
-the bundled corpus; the random ones by ``FactorizedLinear`` layers of ``'lowrank'`` (what
-``'auto'`` picks on the trained ones) holding ``budget`` of each layer's parameters, with
-random factors (speed depends on the shapes and ranks, not on how well they were fitted;
-fitting 2,048 x 5,632 matrices would take minutes each). Every layer is left as
-``tensorize`` leaves it (``implementation='auto'``, the default inference cache). The
-random models are fed random token ids.
+the bundled corpus; the random ones by ``FactorizedLinear`` layers of ``--factorization``
+(``'auto'``: ``'lowrank'``, what it picks on the trained ones) holding ``budget`` of each
+layer's parameters, with random factors (speed depends on the shapes and ranks, not on how
+well they were fitted; fitting 2,048 x 5,632 matrices would take minutes each). Every layer
+is left as ``tensorize`` leaves it (``implementation='auto'``, the default inference
+cache). The random models are fed random token ids.
 
 Under ``torch.inference_mode()`` the original and the copies of one model are then timed in
 the same loop, in a random order every repeat (medians over repeats):
@@ -136,9 +136,11 @@ def random_model(model_type: str, fields: dict[str, int]) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def replace_random(model: torch.nn.Module, budget: float) -> list[FactorizedLinear]:
-    """Replace the block stack's linear layers (``Conv1D`` included) by ``'lowrank'``
-    layers holding ``budget`` of their parameters, with random factors."""
+def replace_random(
+    model: torch.nn.Module, budget: float, factorization: str = "lowrank"
+) -> list[FactorizedLinear]:
+    """Replace the block stack's linear layers (``Conv1D`` included) by layers of
+    ``factorization`` holding ``budget`` of their parameters, with random factors."""
     from transformers.pytorch_utils import Conv1D
 
     new: list[FactorizedLinear] = []
@@ -155,7 +157,7 @@ def replace_random(model: torch.nn.Module, budget: float) -> list[FactorizedLine
             in_f,
             out_f,
             bias=module.bias is not None,
-            factorization="lowrank",
+            factorization=factorization,
             rank=budget,
             implementation="auto",
         )
@@ -266,7 +268,8 @@ def main() -> None:
             student = copy.deepcopy(original)
             t0 = time.perf_counter()
             if key in WIDE:
-                layers = replace_random(student, budget)
+                form = "lowrank" if args.factorization == "auto" else args.factorization
+                layers = replace_random(student, budget, form)
                 kept = sum(m.weight.num_parameters() for m in layers) / sum(
                     m.in_features * m.out_features for m in layers
                 )
