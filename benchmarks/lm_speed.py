@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import json
 import os
 import platform
@@ -64,6 +63,7 @@ import torch
 from tqdm import tqdm
 
 from tensorfold import FactorizedLinear, memory_report, tensorize
+from tensorfold.convert._util import linear_view, match_modules, set_module
 from tensorfold.files import atomic_savefig, atomic_write
 from tensorfold.pretrained.corpus import calibration_and_evaluation_sentences
 from tensorfold.pretrained.data import token_chunks
@@ -139,30 +139,21 @@ def random_model(model_type: str, fields: dict[str, int]) -> torch.nn.Module:
 def replace_random(
     model: torch.nn.Module, budget: float, factorization: str = "lowrank"
 ) -> list[FactorizedLinear]:
-    """Replace the block stack's linear layers (``Conv1D`` included) by layers of
-    ``factorization`` holding ``budget`` of their parameters, with random factors."""
-    from transformers.pytorch_utils import Conv1D
-
+    """Replace the linear layers ``tensorize`` would take under ``TARGETS`` (``Conv1D``
+    included) by layers of ``factorization`` holding ``budget`` of their parameters, with
+    random factors."""
     new: list[FactorizedLinear] = []
-    for name, module in list(model.named_modules()):
-        if not any(fnmatch.fnmatch(name, t) for t in TARGETS):
-            continue
-        if isinstance(module, Conv1D):  # x @ weight + bias, weight (in, out)
-            in_f, out_f = module.weight.shape
-        elif type(module) is torch.nn.Linear:
-            out_f, in_f = module.weight.shape
-        else:
-            continue
+    for name in match_modules(model, TARGETS, None):
+        dense = linear_view(model.get_submodule(name))
         layer = FactorizedLinear(
-            in_f,
-            out_f,
-            bias=module.bias is not None,
+            dense.in_features,
+            dense.out_features,
+            bias=dense.bias is not None,
             factorization=factorization,
             rank=budget,
             implementation="auto",
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        set_module(model, name, layer)
         new.append(layer)
     return new
 

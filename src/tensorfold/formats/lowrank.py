@@ -126,7 +126,7 @@ class LowRankTensor(FactorizedTensor):
         # reads from memory much faster (RESULTS, "Decode at realistic width"); many rows
         # run as fast either way.
         if index != 0:
-            return torch.empty(shape, device=device, dtype=dtype)
+            return super().empty_factor(index, shape, n_layer_modes, device, dtype)
         n = n_layer_modes
         k_first = (*shape[:n], shape[-1], *shape[n:-1])
         return torch.empty(k_first, device=device, dtype=dtype).movedim(n, -1)
