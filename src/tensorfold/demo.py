@@ -52,12 +52,10 @@ def load_minilm() -> nn.Module:
 
 def batches_for(model: Any, sentences: list[str], batch_size: int = 32) -> list[dict[str, Tensor]]:
     """Tokenised batches; sentences are grouped by length so little padding is computed."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    from .pretrained.tasks import length_groups
+
     tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in v5
-    return [
-        dict(tokenize([sentences[j] for j in order[i : i + batch_size]]))
-        for i in range(0, len(order), batch_size)
-    ]
+    return [dict(tokenize(texts)) for texts in length_groups(sentences, batch_size)]
 
 
 @torch.no_grad()

@@ -41,6 +41,12 @@ def _masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def length_groups(texts: Sequence[str], size: int) -> list[list[str]]:
+    """``texts`` in groups of ``size``, shortest first, so that a batch pads little."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [[texts[j] for j in order[i : i + size]] for i in range(0, len(order), size)]
+
+
 class ModelTask:
     """The behaviour of one kind of model; subclasses fill in the kind-specific parts."""
 
@@ -95,18 +101,17 @@ class ModelTask:
 class _TextEncoder(ModelTask):
     distill_batch_size = 16
 
+    def groups(self, samples: Sequence[str], size: int | None = None) -> list[list[str]]:
+        """:func:`length_groups` of ``size`` texts (``None``: ``batch_size``)."""
+        return length_groups(samples, size or self.batch_size)
+
     def batches(self, samples: Sequence[str], size: int | None = None) -> list[Batch]:
-        size = size or self.batch_size
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))  # less padding
         tok = self.loaded.processor
-        out = []
-        for i in range(0, len(order), size):
-            texts = [samples[j] for j in order[i : i + size]]
-            enc = tok(
-                texts, padding=True, truncation=True, max_length=self.seq_len, return_tensors="pt"
-            )
-            out.append(_to(enc, self.device))
-        return out
+        options = {"padding": True, "truncation": True, "max_length": self.seq_len}
+        return [
+            _to(tok(texts, **options, return_tensors="pt"), self.device)
+            for texts in self.groups(samples, size)
+        ]
 
     def embed_and_tokens(self, out: Any, batch: Batch) -> tuple[Tensor, Tensor]:
         tokens = out.last_hidden_state
@@ -140,15 +145,10 @@ class SentenceEmbeddingTask(_TextEncoder):
     """A sentence-transformers model: its own tokenizer call, pooling and normalisation."""
 
     def batches(self, samples: Sequence[str], size: int | None = None) -> list[Batch]:
-        size = size or self.batch_size
         model: Any = self.loaded.model
         model.max_seq_length = min(self.seq_len, model.max_seq_length or self.seq_len)
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
         tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in v5
-        return [
-            _to(tokenize([samples[j] for j in order[i : i + size]]), self.device)
-            for i in range(0, len(order), size)
-        ]
+        return [_to(tokenize(texts), self.device) for texts in self.groups(samples, size)]
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         return model(dict(batch))
